@@ -1,0 +1,769 @@
+"""The test suite: `python -m pytest -q test_all.py`, or `python test_all.py`. CPU only.
+
+The invariant tests (DESIGN.md section 2) are parametrized over every (model, mode) in core.MODELS, so a
+variant is held to them the moment it is registered.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import core
+import prepare_data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED_TEXT = os.path.join(HERE, "..", "shared", "data", "tinyshakespeare.txt")
+TINY = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=2, max_seq_len=48)
+MODEL_MODES = core.model_modes()
+IDS = [f"{name}-{mode}" for name, mode in MODEL_MODES]
+
+
+def tiny_model(name, mode, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return core.build_model(name, mode=mode, **{**TINY, **overrides}).eval()
+
+
+def train_steps(model, steps, seed=0, lr=1e-2):
+    """A few AdamW steps on random data, so zero-initialised branches start to matter."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    T = model.config.max_seq_len
+    for _ in range(steps):
+        x = torch.randint(0, model.config.vocab_size, (4, T + 1), generator=g)
+        loss = model(x[:, :-1], targets=x[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def run(args, **kw):
+    return subprocess.run([sys.executable] + args, cwd=kw.pop("cwd", HERE), capture_output=True, text=True,
+                          timeout=kw.pop("timeout", 300), **kw)
+
+
+# -----------------------------------------------------------------------------
+# invariants of every registered model (DESIGN.md section 2)
+
+@pytest.fixture(scope="module", params=MODEL_MODES, ids=IDS)
+def trained(request):
+    """A tiny model of each (name, mode) after a few steps, so every branch is active."""
+    name, mode = request.param
+    return train_steps(tiny_model(name, mode), steps=5)
+
+
+@torch.no_grad()
+def test_outputs_at_t_depend_only_on_tokens_up_to_t(trained):
+    T = trained.config.max_seq_len
+    idx = torch.randint(0, TINY["vocab_size"], (2, T), generator=torch.Generator().manual_seed(1))
+    ref = trained(idx)
+    for t in sorted({0, 1, T // 4, T // 2 - 1, T // 2, T - 2}):
+        perturbed = idx.clone()
+        perturbed[:, t + 1:] = (perturbed[:, t + 1:] + 7) % TINY["vocab_size"]
+        out = trained(perturbed)
+        for field in ("logits", "hidden"):
+            a, b = getattr(ref, field), getattr(out, field)
+            if a is not None:
+                assert max_diff(a[:, :t + 1], b[:, :t + 1]) <= 1e-6, f"{field} at <= {t} saw the future"
+
+
+@torch.no_grad()
+def test_samples_in_a_batch_do_not_influence_each_other(trained):
+    T = trained.config.max_seq_len
+    idx = torch.randint(0, TINY["vocab_size"], (3, T), generator=torch.Generator().manual_seed(2))
+    ref = trained(idx)
+    other = idx.clone()
+    other[1:] = torch.randint(0, TINY["vocab_size"], (2, T), generator=torch.Generator().manual_seed(3))
+    out = trained(other)
+    assert max_diff(ref.logits[0], out.logits[0]) <= 1e-6
+    alone = trained(idx[:1])
+    assert max_diff(ref.logits[0], alone.logits[0]) <= 1e-5
+
+
+@torch.no_grad()
+def test_prefill_plus_cached_decoding_equals_the_full_forward(trained):
+    T = trained.config.max_seq_len
+    idx = torch.randint(0, TINY["vocab_size"], (2, T), generator=torch.Generator().manual_seed(4))
+    full = trained(idx).logits
+    for prompt_len in (1, 5, T // 2):
+        cache = trained.new_cache(2)
+        logits = [trained(idx[:, :prompt_len], cache=cache, start_pos=0).logits]
+        for pos in range(prompt_len, T):
+            logits.append(trained(idx[:, pos:pos + 1], cache=cache, start_pos=pos).logits)
+        assert max_diff(torch.cat(logits, 1), full) <= 1e-4, f"prompt length {prompt_len}"
+
+
+@torch.no_grad()
+def test_truncating_the_cache_and_decoding_again_is_exact(trained):
+    T = trained.config.max_seq_len
+    idx = torch.randint(0, TINY["vocab_size"], (1, T), generator=torch.Generator().manual_seed(5))
+    full = trained(idx).logits
+    cache = trained.new_cache(1)
+    trained(idx[:, :T // 2], cache=cache, start_pos=0)
+    wrong = (idx[:, T // 2:T // 2 + 4] + 1) % TINY["vocab_size"]
+    trained(wrong, cache=cache, start_pos=T // 2)  # a rejected draft
+    cache.truncate(T // 2)
+    assert cache.length == T // 2
+    again = trained(idx[:, T // 2:], cache=cache, start_pos=T // 2).logits
+    assert max_diff(again, full[:, T // 2:]) <= 1e-4
+
+
+@torch.no_grad()
+def test_greedy_generation_is_the_same_with_and_without_the_cache(trained):
+    L = trained.config.max_seq_len
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(6))
+    # runs past max_seq_len, where both keep the last L tokens
+    cached = trained.generate(prompt, L + 10, temperature=0)
+    uncached = trained.generate(prompt, L + 10, temperature=0, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@torch.no_grad()
+def test_greedy_speculative_decoding_returns_exactly_greedys_tokens(trained):
+    L = trained.config.max_seq_len
+    g = torch.Generator().manual_seed(7)
+    stats = {}
+    for prompt_len, draft_len, new in ((1, 1, 20), (6, 2, 30), (12, 4, 40), (L - 4, 3, 12), (3, 5, L)):
+        # repeated content gives the drafter something that gets accepted
+        half = torch.randint(0, TINY["vocab_size"], (1, (prompt_len + 1) // 2), generator=g)
+        prompt = torch.cat([half, half], 1)[:, :prompt_len]
+        plain = trained.generate(prompt, new, temperature=0)
+        spec = trained.generate(prompt, new, temperature=0, speculative=True, draft_len=draft_len, stats=stats)
+        assert torch.equal(plain, spec), f"prompt {prompt_len}, draft_len {draft_len}"
+    assert sum(n * c for n, c in enumerate(stats["accepted_hist"])) > 0, "no draft was ever accepted"
+
+
+@pytest.mark.parametrize("name,mode", MODEL_MODES, ids=IDS)
+def test_every_parameter_receives_a_gradient_after_a_few_steps(name, mode):
+    model = train_steps(tiny_model(name, mode), steps=3).train()
+    x = torch.randint(0, TINY["vocab_size"], (4, TINY["max_seq_len"] + 1))
+    model.zero_grad()
+    model(x[:, :-1], targets=x[:, 1:]).loss.backward()
+    dead = [n for n, p in model.named_parameters()
+            if "inject" not in n and (p.grad is None or p.grad.abs().max().item() == 0)]
+    assert not dead, f"parameters without gradient: {dead}"
+
+
+@pytest.mark.parametrize("name,mode", MODEL_MODES, ids=IDS)
+def test_loss_at_initialisation_is_close_to_uniform(name, mode):
+    model = tiny_model(name, mode).train()
+    x = torch.randint(0, TINY["vocab_size"], (4, TINY["max_seq_len"] + 1))
+    loss = model(x[:, :-1], targets=x[:, 1:]).loss.item()
+    assert abs(loss - math.log(TINY["vocab_size"])) < 0.5
+
+
+@pytest.mark.parametrize("name,mode", MODEL_MODES, ids=IDS)
+def test_training_forward_traces_without_graph_breaks(name, mode):
+    """No .item(), no data-dependent Python branches: the training forward is one graph for torch.compile."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = tiny_model(name, mode).train()
+    x = torch.randint(0, TINY["vocab_size"], (2, TINY["max_seq_len"] + 1))
+    explanation = torch._dynamo.explain(model)(x[:, :-1], targets=x[:, 1:])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("name,mode", MODEL_MODES, ids=IDS)
+def test_positions_past_the_context_are_an_error_not_a_clamp(name, mode):
+    model = tiny_model(name, mode)
+    with pytest.raises(core.UsageError, match="max_seq_len"):
+        model(torch.zeros(1, TINY["max_seq_len"] + 1, dtype=torch.long))
+
+
+# -----------------------------------------------------------------------------
+# sampling and speculative decoding
+
+def test_temperature_zero_is_greedy_and_top_k_top_p_mask_the_tail():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
+    assert core.sample(logits, temperature=0).item() == 0
+    probs = core.logits_to_probs(logits, top_k=2)
+    assert (probs[0, 2:] == 0).all() and probs[0, :2].sum().item() == pytest.approx(1.0)
+    full = logits.softmax(-1)[0]
+    probs = core.logits_to_probs(logits, top_p=0.7)  # the first token alone (0.61) falls short of 0.7
+    kept = (probs[0] > 0).nonzero().flatten().tolist()
+    assert kept == [0, 1] and full[0] < 0.7 <= full[0] + full[1]
+    assert core.logits_to_probs(logits, top_p=0.5)[0, 0].item() == pytest.approx(1.0)
+
+
+def test_seeded_sampling_repeats_and_different_seeds_differ():
+    model = tiny_model("gpt", "token")
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+
+    def draw(seed):
+        return model.generate(prompt, 30, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+
+
+def test_speculative_sampling_has_the_models_distribution():
+    """Chi-squared test on a 6-token vocabulary: the joint law of the first two sampled tokens under
+    speculative decoding with a deliberately wrong proposal q equals the exact law of the model."""
+    V, n_runs = 6, 3000
+    model = tiny_model("gpt", "token", vocab_size=V, max_seq_len=8)
+    prompt = torch.tensor([[1, 2]])
+    temperature, top_k = 0.9, 5
+    with torch.no_grad():
+        p1 = core.logits_to_probs(model(prompt).logits[0, -1], temperature, top_k)
+        exact = torch.stack([p1[a] * core.logits_to_probs(model(torch.tensor([[1, 2, a]])).logits[0, -1],
+                                                          temperature, top_k) for a in range(V)]).flatten()
+    q = torch.tensor([0.4, 0.05, 0.05, 0.3, 0.1, 0.1])
+    g = torch.Generator().manual_seed(0)
+
+    def draft(seq, k, prev_out, prev_index):  # drafts drawn from q: the rejection rule must correct them
+        return torch.multinomial(q, k, replacement=True, generator=g), q.expand(k, V)
+    model.draft = draft
+    counts = torch.zeros(V * V)
+    for _ in range(n_runs):
+        out = model.generate(prompt, 2, temperature=temperature, top_k=top_k, speculative=True, draft_len=2,
+                             generator=g)
+        counts[out[0, 2] * V + out[0, 3]] += 1
+    expected = exact * n_runs
+    keep = expected > 5
+    chi2 = (((counts - expected) ** 2 / expected)[keep]).sum().item()
+    df = int(keep.sum()) - 1
+    # 99.9% quantile of chi2(df) (Wilson-Hilferty)
+    critical = df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3
+    assert chi2 < critical, f"chi2 {chi2:.1f} >= {critical:.1f} with {df} degrees of freedom"
+    assert counts[~keep].sum() <= 3 * max(1.0, expected[~keep].sum().item()) + 5
+
+
+def test_out_of_range_tokens_are_rejected_before_generation():
+    model = tiny_model("gpt", "token")
+    with pytest.raises(core.UsageError, match="token ids must lie"):
+        model.generate(torch.tensor([[TINY["vocab_size"]]]), 3)
+
+
+# -----------------------------------------------------------------------------
+# registry, overrides, tokenizer
+
+def test_build_model_rejects_unknown_names_fields_and_modes_with_suggestions():
+    with pytest.raises(core.UsageError, match="did you mean gpt"):
+        core.build_model("gtp")
+    with pytest.raises(core.UsageError, match="did you mean d_model"):
+        core.build_model("gpt", d_modle=64)
+    with pytest.raises(core.UsageError, match="mode='chunk' is not supported"):
+        core.build_model("gpt", mode="chunk")
+    with pytest.raises(core.UsageError, match="not divisible"):
+        core.build_model("gpt", d_model=30, n_heads=4)
+
+
+def test_overrides_accept_both_forms_config_files_and_check_types(tmp_path):
+    defaults = {"batch_size": 8, "learning_rate": 6e-4, "compile": False, "model": "gpt", "out_dir": "out"}
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("batch_size = 2\nlearning_rate = 1e-3\n")
+    got = core.parse_overrides([str(cfg_file), "--batch_size=4", "--learning_rate", "1", "--compile",
+                                "--out_dir", "123"], defaults)
+    assert got == {"batch_size": 4, "learning_rate": 1.0, "compile": True, "model": "gpt", "out_dir": "123"}
+    assert isinstance(got["learning_rate"], float)
+    with pytest.raises(core.UsageError, match="did you mean batch_size"):
+        core.parse_overrides(["--batch_sise=4"], defaults)
+    with pytest.raises(core.UsageError, match="should be a int"):
+        core.parse_overrides(["--batch_size=4.5"], defaults)
+    with pytest.raises(core.UsageError, match="should be a bool"):
+        core.parse_overrides(["--compile=yes"], defaults)
+    with pytest.raises(core.UsageError, match="not found"):
+        core.parse_overrides(["missing.py"], defaults)
+
+
+def test_tokenizer_gives_the_known_gpt2_ids():
+    enc = core.get_tokenizer()
+    assert enc.n_vocab == 50257
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.encode_ordinary("The quick brown fox") == [464, 2068, 7586, 21831]
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [core.EOT_TOKEN]
+    text = "Ünïcödé, numbers 12345 and  spaces\n\ttabs."
+    assert enc.decode(enc.encode_ordinary(text)) == text
+
+
+def test_offline_tokenizer_is_built_from_the_verified_package_files(monkeypatch):
+    import tiktoken
+    monkeypatch.setattr(core, "_TOKENIZER", None)
+
+    def no_network(name):
+        raise ConnectionError("offline")
+    monkeypatch.setattr(tiktoken, "get_encoding", no_network)
+    enc = core.get_tokenizer()
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.eot_token == core.EOT_TOKEN
+
+
+# -----------------------------------------------------------------------------
+# prepare_data.py: shards, inputs, errors
+
+DOCS = ["First Citizen:\nBefore we proceed any further, hear me speak.",
+        "def f(x):\n    return x * 2\n",
+        "All:\nSpeak, speak. ünïcödé ✓",
+        "You are all resolved rather to die than to famish?"]
+
+
+def expected_stream(docs):
+    enc = core.get_tokenizer()
+    return [t for d in docs if d.strip() for t in [core.EOT_TOKEN] + enc.encode_ordinary(d)]
+
+
+def read_all(out_dir):
+    val, train = prepare_data.list_shards(str(out_dir))
+    return [int(t) for p in val + train for t in prepare_data.load_shard(p)]
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, "prepare_data.py"), *args], capture_output=True,
+                          text=True, cwd=HERE, env=env, timeout=120)
+
+# -----------------------------------------------------------------------------
+# shard files
+
+
+def test_shard_round_trip_keeps_tokens_and_writes_the_llmc_header(tmp_path):
+    path = str(tmp_path / "x_val_000000.bin")
+    tokens = np.array([50256, 0, 1, 65535, 42], dtype=np.int64)
+    prepare_data.write_shard(path, tokens)
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert list(header[:3]) == [20240520, 1, 5] and not header[3:].any()
+    assert os.path.getsize(path) == 1024 + 2 * 5
+    shard = prepare_data.load_shard(path)
+    assert isinstance(shard, np.memmap) and shard.dtype == np.uint16
+    assert shard.tolist() == tokens.tolist()
+
+
+def test_write_shard_rejects_tokens_that_do_not_fit_uint16(tmp_path):
+    with pytest.raises(ValueError):
+        prepare_data.write_shard(str(tmp_path / "s.bin"), [1, 2**16])
+    with pytest.raises(ValueError):
+        prepare_data.write_shard(str(tmp_path / "s.bin"), [-1])
+    assert os.listdir(tmp_path) == []
+
+
+def _corrupt_magic(path):
+    with open(path, "r+b") as f:
+        f.write(np.array([12345], dtype="<i4").tobytes())
+
+
+def _corrupt_version(path):
+    with open(path, "r+b") as f:
+        f.seek(4)
+        f.write(np.array([7], dtype="<i4").tobytes())
+
+
+def _truncate_header(path):
+    os.truncate(path, 100)
+
+
+def _truncate_tokens(path):
+    os.truncate(path, os.path.getsize(path) - 2)
+
+
+@pytest.mark.parametrize("corrupt, problem", [(_corrupt_magic, "magic"), (_corrupt_version, "version"),
+                                              (_truncate_header, "header"), (_truncate_tokens, "truncated")])
+def test_load_shard_rejects_a_damaged_file_naming_it_and_the_fix(tmp_path, corrupt, problem):
+    path = str(tmp_path / "d_train_000001.bin")
+    prepare_data.write_shard(path, np.arange(10))
+    corrupt(path)
+    with pytest.raises(core.UsageError) as e:
+        prepare_data.load_shard(path)
+    message = str(e.value)
+    assert path in message and problem in message and "prepare_data.py" in message and "\n" not in message
+
+
+def test_load_shard_of_a_missing_file_is_a_usage_error(tmp_path):
+    with pytest.raises(core.UsageError, match="not found"):
+        prepare_data.load_shard(str(tmp_path / "nope_val_000000.bin"))
+
+
+def test_write_shard_leaves_no_tmp_file_after_success(tmp_path):
+    prepare_data.write_shard(str(tmp_path / "a_val_000000.bin"), [1, 2, 3])
+    assert os.listdir(tmp_path) == ["a_val_000000.bin"]
+
+
+def test_an_interrupted_write_keeps_the_previous_shard_whole(tmp_path, monkeypatch):
+    path = str(tmp_path / "a_train_000001.bin")
+    prepare_data.write_shard(path, [7, 8, 9])
+
+    class FailingFile:  # writes the header, then dies as a killed process would
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 2:
+                raise OSError("disk full")
+            return self.f.write(data)
+
+    monkeypatch.setattr(prepare_data, "open", lambda p, mode: FailingFile(open(p, mode)), raising=False)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_data.write_shard(path, np.arange(1000))
+    assert prepare_data.load_shard(path).tolist() == [7, 8, 9]
+    assert os.listdir(tmp_path) == ["a_train_000001.bin"]
+
+
+def test_list_shards_returns_sorted_val_and_train_paths(tmp_path):
+    names = ["c_train_000002.bin", "c_val_000000.bin", "c_train_000001.bin", "notes.txt", "c_train_000003.bin.tmp"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    val, train = prepare_data.list_shards(str(tmp_path))
+    assert [os.path.basename(p) for p in val] == ["c_val_000000.bin"]
+    assert [os.path.basename(p) for p in train] == ["c_train_000001.bin", "c_train_000002.bin"]
+
+
+def test_list_shards_of_a_missing_or_empty_dir_says_how_to_make_them(tmp_path):
+    for data_dir in [tmp_path / "missing", tmp_path]:
+        with pytest.raises(core.UsageError, match="prepare_data.py --corpus=stdlib"):
+            prepare_data.list_shards(str(data_dir))
+
+# -----------------------------------------------------------------------------
+# tokenizing into shards
+
+
+def test_prepare_writes_eot_then_each_document_in_order_with_shard_0_as_val(tmp_path):
+    stats = prepare_data.prepare(DOCS, str(tmp_path), "t", shard_size=20, num_proc=1)
+    names = sorted(os.listdir(tmp_path))
+    assert names[-1] == "t_val_000000.bin" and all(n.startswith("t_train_") for n in names[:-1])
+    assert read_all(tmp_path) == expected_stream(DOCS)
+    assert stats["documents"] == len(DOCS) and stats["tokens"] == len(expected_stream(DOCS))
+
+
+def test_shards_hold_shard_size_tokens_except_the_last(tmp_path):
+    stats = prepare_data.prepare(DOCS, str(tmp_path), "t", shard_size=7, num_proc=1)
+    sizes = [len(prepare_data.load_shard(p)) for p in stats["shards"]]
+    total = len(expected_stream(DOCS))
+    assert sizes == [7] * (total // 7) + ([total % 7] if total % 7 else [])
+    assert [os.path.basename(p) for p in stats["shards"]][:3] == ["t_val_000000.bin", "t_train_000001.bin",
+                                                                   "t_train_000002.bin"]
+
+
+def test_max_tokens_stops_the_stream_mid_document(tmp_path):
+    stats = prepare_data.prepare(DOCS * 5, str(tmp_path), "t", shard_size=10, max_tokens=33, num_proc=1)
+    assert stats["tokens"] == 33 and read_all(tmp_path) == expected_stream(DOCS * 5)[:33]
+
+
+def test_empty_and_whitespace_documents_are_skipped(tmp_path):
+    docs = ["", DOCS[0], "  \n\t ", DOCS[1]]
+    stats = prepare_data.prepare(docs, str(tmp_path), "t", shard_size=10, num_proc=1)
+    assert stats["documents"] == 2 and read_all(tmp_path) == expected_stream([DOCS[0], DOCS[1]])
+
+
+def test_two_worker_processes_give_the_same_shards_as_one(tmp_path):
+    docs = [f"document {i}: " + DOCS[i % 4] * (i % 3 + 1) for i in range(60)]
+    one = prepare_data.prepare(docs, str(tmp_path / "one"), "t", shard_size=100, num_proc=1)
+    two = prepare_data.prepare(docs, str(tmp_path / "two"), "t", shard_size=100, num_proc=2, chunksize=4)
+    assert [os.path.basename(p) for p in one["shards"]] == [os.path.basename(p) for p in two["shards"]]
+    for a, b in zip(one["shards"], two["shards"]):
+        assert open(a, "rb").read() == open(b, "rb").read()
+
+
+def test_a_rerun_removes_stale_shards_of_a_bigger_earlier_run(tmp_path):
+    prepare_data.prepare(DOCS * 4, str(tmp_path), "t", shard_size=10, num_proc=1)
+    (tmp_path / "old_train_000009.bin").write_bytes(b"x")  # another name, same pattern: would be read too
+    (tmp_path / "t_train_000003.bin.tmp").write_bytes(b"x")  # left by an interrupted run
+    (tmp_path / "notes.txt").write_text("mine")
+    stats = prepare_data.prepare(DOCS, str(tmp_path), "t", shard_size=10, num_proc=1)
+    assert sorted(os.listdir(tmp_path)) == sorted(["notes.txt"] + [os.path.basename(p) for p in stats["shards"]])
+    assert read_all(tmp_path) == expected_stream(DOCS)
+
+
+def test_a_corpus_within_one_shard_writes_val_and_asks_for_a_smaller_shard_size(tmp_path):
+    with pytest.raises(core.UsageError, match="no training shards: lower --shard_size below"):
+        prepare_data.prepare(DOCS, str(tmp_path), "t", shard_size=10_000, num_proc=1)
+    assert os.listdir(tmp_path) == ["t_val_000000.bin"]
+
+
+def test_all_empty_documents_is_an_error_naming_the_source(tmp_path):
+    with pytest.raises(core.UsageError, match="no text found in blanks"):
+        prepare_data.prepare(["", " ", "\n"], str(tmp_path / "out"), "t", shard_size=10, source="blanks")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_TEXT), reason="../shared/data/tinyshakespeare.txt is absent")
+def test_tinyshakespeare_is_one_document_of_about_338k_tokens(tmp_path):
+    docs = list(prepare_data.input_documents(prepare_data.find_inputs(SHARED_TEXT)))
+    stats = prepare_data.prepare(docs, str(tmp_path), "tinyshakespeare", shard_size=100_000, num_proc=1)
+    assert stats["documents"] == 1 and 330_000 < stats["tokens"] < 345_000
+    assert read_all(tmp_path) == expected_stream(docs)
+
+# -----------------------------------------------------------------------------
+# inputs
+
+
+def test_input_directory_and_recursive_glob_find_supported_files_sorted(tmp_path):
+    (tmp_path / "b" / "c").mkdir(parents=True)
+    for name in ["a.txt", "b/z.md", "b/c/y.py", "b/c/skip.csv", "b/c/x.jsonl"]:
+        (tmp_path / name).write_text("hi")
+    want = [str(tmp_path / n) for n in ["a.txt", "b/c/x.jsonl", "b/c/y.py", "b/z.md"]]
+    assert prepare_data.find_inputs(str(tmp_path)) == want
+    assert prepare_data.find_inputs(str(tmp_path / "**" / "*.py")) == [str(tmp_path / "b/c/y.py")]
+
+
+def test_an_input_matching_nothing_names_the_pattern_and_the_extensions(tmp_path):
+    pattern = str(tmp_path / "*.txt")
+    with pytest.raises(core.UsageError) as e:
+        prepare_data.find_inputs(pattern)
+    assert pattern in str(e.value) and ".jsonl" in str(e.value) and ".parquet" in str(e.value)
+
+
+def test_jsonl_and_parquet_stream_through_datasets_and_match_direct_encoding(tmp_path, monkeypatch):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    with open(tmp_path / "a.jsonl", "w") as f:
+        for i, d in enumerate(DOCS[:2]):
+            f.write(json.dumps({"id": i, "text": d}) + "\n")
+    pq.write_table(pa.table({"text": DOCS[2:], "n": [1, 2]}), tmp_path / "b.parquet")
+    calls = []
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    docs = prepare_data.input_documents(prepare_data.find_inputs(str(tmp_path)))
+    prepare_data.prepare(docs, str(tmp_path / "out"), "t", shard_size=20, num_proc=1)
+    assert [(a[0], k["streaming"]) for a, k in calls] == [("json", True), ("parquet", True)]
+    assert read_all(tmp_path / "out") == expected_stream(DOCS)
+
+
+def test_jsonl_without_a_text_field_is_an_error_naming_its_fields(tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"content": "hello", "id": 1}) + "\n")
+    docs = prepare_data.input_documents([str(tmp_path / "c.jsonl")])
+    with pytest.raises(core.UsageError) as e:
+        prepare_data.prepare(docs, str(tmp_path / "out"), "c", shard_size=10)
+    assert "c.jsonl" in str(e.value) and "'text'" in str(e.value) and "content, id" in str(e.value)
+
+
+def test_stdlib_corpus_is_the_sorted_python_sources_of_the_standard_library():
+    paths = prepare_data.stdlib_paths()
+    assert len(paths) > 500 and paths == sorted(paths)
+    assert all(p.endswith(".py") and "site-packages" not in p and "dist-packages" not in p for p in paths)
+    docs = prepare_data.text_files(paths[:3])
+    assert all(isinstance(d, str) for d in docs)
+
+
+def test_an_unreachable_hub_fails_fast_pointing_at_local_and_offline_inputs(monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    t0 = time.time()
+    with pytest.raises(core.UsageError) as e:
+        next(prepare_data.fineweb_documents())
+    assert time.time() - t0 < 10
+    assert "--input=PATH" in str(e.value) and "--corpus=stdlib" in str(e.value) and "\n" not in str(e.value)
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def test_cli_turns_a_text_file_into_shards(tmp_path):
+    text = tmp_path / "story.txt"
+    text.write_text(" ".join(DOCS * 3))
+    result = run_cli(f"--input={text}", f"--out_dir={tmp_path / 'out'}", "--shard_size=20", "--num_proc=1")
+    assert result.returncode == 0, result.stderr
+    assert "tokens/s" in result.stderr and str(tmp_path / "out") in result.stderr
+    assert read_all(tmp_path / "out") == expected_stream([text.read_text()])
+    assert os.path.exists(tmp_path / "out" / "story_val_000000.bin")
+
+
+def test_cli_bad_flag_exits_2_with_one_error_line():
+    result = run_cli("--shard_sise=5")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "shard_size" in result.stderr
+
+
+def test_cli_unknown_corpus_lists_the_choices(tmp_path):
+    result = run_cli("--corpus=wiki", f"--out_dir={tmp_path}")
+    assert result.returncode == 2 and "fineweb-edu" in result.stderr and "stdlib" in result.stderr
+
+
+def test_cli_hub_failure_in_offline_mode_is_one_error_line(tmp_path):
+    result = run_cli(f"--out_dir={tmp_path / 'out'}", env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and result.stderr.startswith("error: could not stream")
+    assert "--input=PATH" in result.stderr and "--corpus=stdlib" in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# train.py and sample.py
+
+TRAIN_TINY = ["--d_model=32", "--n_layers=2", "--n_heads=2", "--max_seq_len=32", "--batch_size=4",
+              "--device=cpu", "--eval_iters=2", "--warmup_iters=5"]
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    """About 150k tokens of real text (Python sources of the standard library) in 30k-token shards."""
+    out = tmp_path_factory.mktemp("shards")
+    paths = prepare_data.stdlib_paths()[:60]
+    prepare_data.prepare(prepare_data.text_files(paths), str(out), "stdlib", shard_size=30_000,
+                         max_tokens=150_000)
+    return str(out)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir):
+    return {r["step"]: r["loss"] for r in read_log(out_dir) if "loss" in r}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_ctrl_c_saves_and_resume_continues_the_same_loss_trajectory(shard_dir, tmp_path, optimizer):
+    args = ["train.py", f"--data_dir={shard_dir}", "--max_iters=60", "--log_interval=1", "--eval_interval=0",
+            f"--optimizer={optimizer}", "--save_interval=1000"] + TRAIN_TINY
+    straight = str(tmp_path / "straight")
+    result = run(args + [f"--out_dir={straight}"])
+    assert result.returncode == 0, result.stderr
+    interrupted = str(tmp_path / "interrupted")
+    proc = subprocess.Popen([sys.executable] + args + [f"--out_dir={interrupted}"], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        log = os.path.join(interrupted, "log.jsonl")
+        if os.path.exists(log) and len(open(log).readlines()) >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    stopped_at = torch.load(os.path.join(interrupted, "ckpt.pt"), weights_only=True)["iter_num"]
+    assert 3 <= stopped_at < 60, "the run was not interrupted mid-way"
+    assert "Ctrl+C" in out
+    result = run(args + [f"--out_dir={interrupted}", "--init_from=resume"])
+    assert result.returncode == 0, result.stderr
+    assert train_losses(interrupted) == train_losses(straight)
+    assert max(train_losses(straight)) == 60
+
+
+def test_checkpoint_holds_plain_types_and_loads_with_weights_only(shard_dir, tmp_path):
+    out_dir = str(tmp_path / "run")
+    result = run(["train.py", f"--data_dir={shard_dir}", f"--out_dir={out_dir}", "--max_iters=2",
+                  "--eval_interval=1", "--optimizer=adamw"] + TRAIN_TINY)
+    assert result.returncode == 0, result.stderr
+    state = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+    assert state["model_name"] == "gpt" and state["model_config"]["d_model"] == 32
+    assert state["iter_num"] == 2 and math.isfinite(state["best_val_loss"])
+    assert {"optimizer", "scaler", "rng_cpu", "loader", "train_config"} <= set(state)
+    model = core.model_from_checkpoint(state)
+    assert model.num_params() > 0
+    assert not [f for f in os.listdir(out_dir) if f.endswith(".tmp")]
+    vals = [r["val_loss"] for r in read_log(out_dir) if "val_loss" in r]
+    assert len(vals) == 3  # steps 0, 1 and 2
+
+
+def test_quickstart_pipeline_prepare_train_sample_from_the_command_line(tmp_path):
+    text = tmp_path / "corpus.txt"
+    source = SHARED_TEXT if os.path.exists(SHARED_TEXT) else prepare_data.stdlib_paths()[0]
+    text.write_text(open(source, encoding="utf-8").read()[:300_000])
+    data_dir, out_dir = str(tmp_path / "data"), str(tmp_path / "out")
+    result = run(["prepare_data.py", f"--input={text}", f"--out_dir={data_dir}", "--shard_size=20000"])
+    assert result.returncode == 0, result.stderr
+    result = run(["train.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--max_iters=40",
+                  "--eval_interval=40", "--learning_rate=3e-3", "--optimizer=adamw"] + TRAIN_TINY)
+    assert result.returncode == 0, result.stderr
+    vals = [r["val_loss"] for r in read_log(out_dir) if "val_loss" in r]
+    assert vals[-1] < vals[0] - 2.0, f"val loss did not fall: {vals}"
+    result = run(["sample.py", "--ckpt", out_dir, "--prompt=The", "--max_new_tokens=20", "--seed=3",
+                  "--num_samples=2"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The") and result.stdout.count("---------------") == 2
+    assert "tok/s" in result.stderr and "prompt 1 tokens" in result.stderr
+    again = run(["sample.py", f"--ckpt={out_dir}", "--prompt=The", "--max_new_tokens=20", "--seed=3",
+                 "--num_samples=2"])
+    assert again.stdout == result.stdout, "the same seed must give the same samples"
+    spec = run(["sample.py", f"--ckpt={out_dir}", "--prompt=The", "--max_new_tokens=20", "--temperature=0",
+                "--speculative"])
+    greedy = run(["sample.py", f"--ckpt={out_dir}", "--prompt=The", "--max_new_tokens=20", "--temperature=0"])
+    assert spec.returncode == 0 and spec.stdout == greedy.stdout
+    assert "tokens per model call" in spec.stderr
+
+
+def one_error_line(result):
+    lines = result.stderr.strip().splitlines()
+    return result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+
+
+def test_bad_input_gets_one_error_line_and_leaves_files_untouched(shard_dir, tmp_path):
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    result = run(["sample.py", f"--ckpt={bad}"])
+    assert one_error_line(result) and "unreadable" in result.stderr
+    assert bad.read_bytes() == b"not a checkpoint"
+    result = run(["train.py", f"--out_dir={tmp_path}", "--init_from=resume", f"--data_dir={shard_dir}"])
+    assert one_error_line(result) and "unreadable" in result.stderr
+    assert bad.read_bytes() == b"not a checkpoint"
+    result = run(["train.py", "--learning_rat=1e-3"])
+    assert one_error_line(result) and "did you mean learning_rate" in result.stderr
+    result = run(["train.py", "--model=gtp"])
+    assert one_error_line(result) and "did you mean gpt" in result.stderr
+    result = run(["train.py", f"--data_dir={tmp_path / 'nothing'}"])
+    assert one_error_line(result) and "prepare_data.py" in result.stderr
+    result = run(["sample.py", f"--ckpt={tmp_path / 'missing'}"])
+    assert one_error_line(result) and "no checkpoint" in result.stderr
+
+
+def test_sample_rejects_a_prompt_longer_than_the_context(shard_dir, tmp_path):
+    out_dir = str(tmp_path / "run")
+    assert run(["train.py", f"--data_dir={shard_dir}", f"--out_dir={out_dir}", "--max_iters=1",
+                "--eval_interval=0", "--optimizer=adamw"] + TRAIN_TINY).returncode == 0
+    result = run(["sample.py", f"--ckpt={out_dir}", "--prompt=" + "word " * 40])
+    assert one_error_line(result) and "shorten the prompt to at most 32 tokens" in result.stderr
+
+
+
+def test_ddp_two_ranks_match_one_process_and_resume_under_torchrun(shard_dir, tmp_path):
+    """2 ranks x accumulation 2 (gloo) follow 1 process x accumulation 4 over the same data; a torchrun
+    run stopped at step 3 and resumed continues the same trajectory."""
+    args = ["train.py", f"--data_dir={shard_dir}", "--data_order=sequential", "--gradient_accumulation_steps=4",
+            "--log_interval=1", "--eval_interval=3", "--optimizer=adamw", "--lr_decay_iters=6"] + TRAIN_TINY
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    result = run(args + ["--max_iters=6", f"--out_dir={single}"])
+    assert result.returncode == 0, result.stderr
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = run(torchrun + args + ["--max_iters=3", f"--out_dir={ddp}"], env=env)
+    assert result.returncode == 0, result.stderr
+    result = run(torchrun + args + ["--max_iters=6", f"--out_dir={ddp}", "--init_from=resume"], env=env)
+    assert result.returncode == 0, result.stderr
+    a, b = read_log(single), read_log(ddp)
+    for key in ("loss", "val_loss"):
+        sa = {r["step"]: r[key] for r in a if key in r}
+        sb = {r["step"]: r[key] for r in b if key in r}
+        assert sa.keys() == sb.keys() and all(abs(sa[k] - sb[k]) <= 1e-5 for k in sa), (key, sa, sb)
+    wa = torch.load(os.path.join(single, "ckpt.pt"), weights_only=True)["model"]
+    wb = torch.load(os.path.join(ddp, "ckpt.pt"), weights_only=True)["model"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+
+
+if __name__ == "__main__":
+    class Count:
+        def __init__(self):
+            self.passed = self.failed = self.skipped = 0
+
+        def pytest_runtest_logreport(self, report):
+            if report.when == "call" or report.outcome != "passed":
+                if report.outcome == "passed":
+                    self.passed += 1
+                elif report.outcome == "skipped":
+                    self.skipped += 1
+                else:
+                    self.failed += 1
+
+    count = Count()
+    code = pytest.main([__file__, "-q"] + sys.argv[1:], plugins=[count])
+    print(f"{count.passed} passed, {count.failed} failed, {count.skipped} skipped")
+    sys.exit(code)
