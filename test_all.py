@@ -749,6 +749,56 @@ def test_ddp_two_ranks_match_one_process_and_resume_under_torchrun(shard_dir, tm
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
 
 
+
+
+def test_ctrl_c_under_torchrun_saves_and_resume_continues_the_single_process_trajectory(shard_dir, tmp_path):
+    args = ["train.py", f"--data_dir={shard_dir}", "--data_order=sequential", "--gradient_accumulation_steps=2",
+            "--log_interval=1", "--eval_interval=0", "--optimizer=adamw", "--max_iters=60"] + TRAIN_TINY
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    assert run(args + [f"--out_dir={single}"]).returncode == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a terminal's Ctrl+C signals the whole foreground process group: the agent and both workers
+    proc = subprocess.Popen(torchrun + args + [f"--out_dir={ddp}"], cwd=HERE, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log, deadline = os.path.join(ddp, "log.jsonl"), time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.exists(log) and len(open(log).readlines()) >= 3:
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    stopped_at = torch.load(os.path.join(ddp, "ckpt.pt"), weights_only=True)["iter_num"]
+    assert 3 <= stopped_at < 60 and "Ctrl+C" in out, out[-2000:]
+    result = run(torchrun[1:] + args + [f"--out_dir={ddp}", "--init_from=resume"], env=env)
+    assert result.returncode == 0, result.stderr
+    a, b = train_losses(single), train_losses(ddp)
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-5 for k in a)
+
+
+# -----------------------------------------------------------------------------
+# export_colab.py
+
+@pytest.mark.parametrize("name", list(core.MODELS))
+def test_exported_colab_script_trains_and_resumes_alone_in_an_empty_directory(name, tmp_path):
+    import export_colab
+    script = export_colab.export(name, str(tmp_path))
+    assert os.listdir(tmp_path) == [export_colab.SCRIPT_NAMES[name]]
+    source = SHARED_TEXT if os.path.exists(SHARED_TEXT) else prepare_data.stdlib_paths()[0]
+    (tmp_path / "text.txt").write_text(open(source, encoding="utf-8").read()[:100_000])
+    args = ["--input=text.txt", "--shard_size=10000", "--d_model=32", "--n_layers=2", "--n_heads=2",
+            "--max_seq_len=32", "--batch_size=2", "--gradient_accumulation_steps=1", "--device=cpu",
+            "--eval_iters=1", "--eval_interval=2", "--warmup_iters=1", "--optimizer=adamw"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = run([script] + args + ["--max_iters=2"], cwd=str(tmp_path), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "saved out-" in result.stdout and f"model {name}" in result.stdout
+    result = run([script] + args + ["--max_iters=3"], cwd=str(tmp_path), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stdout and "step 3/3" in result.stdout
+    assert not (tmp_path / "core.py").exists() and not (tmp_path / "__pycache__").exists()
+
+
 if __name__ == "__main__":
     class Count:
         def __init__(self):

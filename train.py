@@ -297,14 +297,16 @@ def main():
                 "loader": loader_states, "train_config": config})
             print(f"saved {ckpt_path} at step {iter_num}")
 
-    stop = {"requested": False}
+    stop = {"requested": False, "at": 0.0}
 
     def on_sigint(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt  # a second Ctrl+C quits without saving
-        stop["requested"] = True
-        if master:
+        # a terminal's Ctrl+C reaches a torchrun worker twice (directly, and forwarded by the agent):
+        # only a second press a moment later means "quit now"
+        if stop["requested"] and time.time() - stop["at"] > 1.0:
+            raise KeyboardInterrupt
+        if not stop["requested"] and master:
             print("\nCtrl+C: saving a checkpoint at the end of this step (press again to quit without saving)")
+        stop["requested"], stop["at"] = True, stop["at"] or time.time()
 
     pending = {}
 
