@@ -799,6 +799,26 @@ def test_exported_colab_script_trains_and_resumes_alone_in_an_empty_directory(na
     assert not (tmp_path / "core.py").exists() and not (tmp_path / "__pycache__").exists()
 
 
+
+# -----------------------------------------------------------------------------
+# bench.py
+
+def test_bench_fast_path_prints_every_table_with_gpt_as_the_control(tmp_path):
+    result = run(["bench.py", "--fast", "--models=gpt", f"--out={tmp_path}"])
+    assert result.returncode == 0, result.stderr
+    for title in ("Training throughput", "Quality at equal budget", "Generation", "Memory", "Data preparation"):
+        assert f"### {title}" in result.stdout
+    for name in ("throughput", "quality", "generation", "memory", "data"):
+        text = (tmp_path / f"{name}.md").read_text()
+        row = [line for line in text.splitlines() if line.startswith("| gpt")
+               or line.startswith("| 100 stdlib")][0]
+        assert row.count("|") >= 5
+    generation = (tmp_path / "generation.md").read_text()
+    assert generation.strip().endswith("| yes |"), "greedy uncached, cached and speculative outputs differ"
+    assert "| gpt | " in (tmp_path / "throughput.md").read_text() and "| 1.00 |" in (tmp_path / "throughput.md").read_text()
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000 and (tmp_path / "throughput.png").exists()
+
+
 if __name__ == "__main__":
     class Count:
         def __init__(self):
