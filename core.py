@@ -61,6 +61,8 @@ class Config:
 # name -> module; models are imported on first use so that each model file can import core freely
 MODELS = {
     "gpt": "model_gpt",
+    "v3": "model_v3",
+    "v4": "model_v4",
 }
 
 
@@ -253,6 +255,8 @@ class Output:
     loss: Optional[torch.Tensor] = None   # scalar training objective when targets were given
     hidden: Optional[torch.Tensor] = None  # (B, T, D) final hidden states, for drafters and analysis
     aux: Optional[dict] = None            # named scalar parts of the loss, for logging
+    horizon_hidden: Optional[torch.Tensor] = None  # (B, T, H-1, D) states of horizon offsets 2..H (drafting)
+    exit_depth: Optional[torch.Tensor] = None      # (B, T) bottom layers run per token (early exit, eval mode)
 
 
 def lm_loss(logits, targets):
@@ -486,6 +490,553 @@ def speculative_decode(model, idx, max_new_tokens, temperature=1.0, top_k=None, 
         for n, count in enumerate(accepted_hist):
             hist[n] += count
     return seq
+
+
+# -----------------------------------------------------------------------------
+# spine lattice (HST v3, v4 and the variants after them)
+#
+# The "harmonic spine" of the original HST scripts: positions 0, 2, 4, then s_n = 2 (s_{n-1} + s_{n-2} + s_{n-3})
+# (a doubled tribonacci recurrence). Spine node s_n (n >= 3) has the parents s_{n-1}, s_{n-2}, s_{n-3}, all strictly
+# earlier, so the ancestor DAG is the same for every input: it is built once, as index tables, and the lattice core
+# that reads it is causal by construction. Specs: shared/spec/variants/v3_v4.md sections 1.1-1.5 and 5.2.
+
+@dataclass
+class SpineConfig(Config):
+    """Config fields shared by the spine-lattice variants (v3, v4)."""
+    n_bottom_layers: int = 2        # adaptive (early-exit) layers before the lattice; the rest of n_layers are top
+    horizon: int = 4                # horizon offsets 1..horizon; 1 is the main head
+    horizon_weight: float = 0.5     # lambda_h of the horizon term in the objective
+    horizon_gamma: float = 0.95     # discount of offset k: gamma^(k-1)
+    exit_threshold: float = 0.93    # inference: a token exits once its confidence exceeds it; > 1 never exits
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.n_bottom_layers <= self.n_layers:
+            raise UsageError(f"n_bottom_layers={self.n_bottom_layers} must lie in [1, n_layers={self.n_layers}]")
+        if self.horizon < 1:
+            raise UsageError(f"horizon={self.horizon} must be >= 1 (1 = the main head only)")
+
+
+def spine_positions(max_len):
+    """The spine below max_len: [0, 2, 4, 12, 36, 104, 304] for 512."""
+    spine = [0, 2, 4]
+    while 2 * sum(spine[-3:]) < max_len:
+        spine.append(2 * sum(spine[-3:]))
+    return [s for s in spine if s < max_len]
+
+
+def _spine_parents(i):
+    return [i - 1, i - 2, i - 3] if i >= 3 else []
+
+
+def lattice_structure(pos, spine=None):
+    """Ancestors of spine node `pos`: (levels, path_counts).
+
+    levels[l] lists the ancestors at shortest hop distance l (nearest position first); path_counts[a] is the
+    number of distinct parent chains from pos down to a (tribonacci numbers). This is the analyzer the original
+    meant: its BFS overwrote each level with the last node's parents and its path-count test was reversed.
+    For 304: levels {1: [104, 36, 12], 2: [4, 2, 0]}, counts {104: 1, 36: 2, 12: 4, 4: 7, 2: 6, 0: 4}."""
+    spine = spine or spine_positions(pos + 1)
+    if pos not in spine:
+        raise ValueError(f"{pos} is not a spine position (spine: {spine})")
+    index = spine.index(pos)
+    seen, frontier, levels = {index}, [index], {}
+    while True:  # BFS over spine indices: level l holds the nodes first reached after l hops
+        frontier = sorted({p for i in frontier for p in _spine_parents(i)} - seen, reverse=True)
+        if not frontier:
+            break
+        seen.update(frontier)
+        levels[len(levels) + 1] = [spine[p] for p in frontier]
+    counts = {index: 1}
+    for i in range(index, -1, -1):  # descending index is a topological order: children come before parents
+        for p in _spine_parents(i) if i in counts else []:
+            counts[p] = counts.get(p, 0) + counts[i]
+    return levels, {spine[i]: c for i, c in sorted(counts.items(), reverse=True) if i != index}
+
+
+class LatticeCore(nn.Module):
+    """Multi-level and path-weighted fusion over spine ancestors, for every spine row that has parents.
+
+    Per row r (position p) with ancestors a (A at most, left-padded, ordered by position so the nearest parent
+    comes last) the tables give the ancestor's position and spine index, its DAG path count, and per level
+    (shortest hop distance) its share of the level's path counts. Then, vectorized over rows and ancestors:
+      multi-level: pool each level with count weights -> per-level MLP -> attention from x_p over the levels
+                   (empty levels masked) -> fuse with x_p;
+      path-weighted: messages MLP([x_a ; x_p]) scaled by a learned weight of the path count -> GRU over the
+                   ancestors -> gate against x_p;
+      out_p = x_p + W_out MLP([x_p ; multi ; path]), W_out zero-initialised, so the core starts as the identity.
+    Every other row passes through unchanged. Ancestors come strictly before p, so out_t depends on x_<=t only.
+    In a cached call the core's input rows at spine positions are kept in `rows_cache` (B, n_spine, D): a decode
+    step at a spine row reads its ancestors from there.
+    """
+
+    def __init__(self, d_model, n_heads, max_len, bias=False):
+        super().__init__()
+        self.spine = spine_positions(max_len)
+        structures = [lattice_structure(p, self.spine) for p in self.spine[3:]]
+        if not structures:
+            raise ValueError(f"no spine row with parents below {max_len}: the first one is 12")
+        self.n_levels = max(len(levels) for levels, _ in structures)
+        self.n_ancestors = A = max(len(counts) for _, counts in structures)
+        R, L, D = len(structures), self.n_levels, d_model
+        anc_pos = torch.zeros(R, A, dtype=torch.long)
+        anc_mask = torch.zeros(R, A, dtype=torch.bool)
+        anc_count = torch.ones(R, A)
+        level_weight = torch.zeros(R, L, A)
+        for r, (levels, counts) in enumerate(structures):
+            ordered = sorted(counts)               # ascending position: the GRU reads the nearest parent last
+            first = A - len(ordered)               # left padding
+            for a, pos in enumerate(ordered, start=first):
+                anc_pos[r, a], anc_mask[r, a], anc_count[r, a] = pos, True, counts[pos]
+            for level, members in levels.items():
+                total = sum(counts[m] for m in members)
+                for m in members:
+                    level_weight[r, level - 1, first + ordered.index(m)] = counts[m] / total
+        spine_index = {p: i for i, p in enumerate(self.spine)}
+        self.register_buffer("spine_pos", torch.tensor(self.spine), persistent=False)         # (n_spine,)
+        self.register_buffer("row_pos", torch.tensor(self.spine[3:]), persistent=False)       # (R,)
+        self.register_buffer("anc_pos", anc_pos, persistent=False)                            # (R, A)
+        anc_spine = torch.tensor([[spine_index[p] for p in row] for row in anc_pos.tolist()])
+        self.register_buffer("anc_spine", anc_spine, persistent=False)                        # (R, A)
+        self.register_buffer("anc_mask", anc_mask, persistent=False)                          # (R, A)
+        self.register_buffer("anc_log_count", torch.log1p(anc_count), persistent=False)       # (R, A)
+        self.register_buffer("level_weight", level_weight, persistent=False)                  # (R, L, A)
+        self.register_buffer("level_mask", level_weight.sum(-1) > 0, persistent=False)        # (R, L)
+        self.n_heads = n_heads
+        # multi-level fusion: one MLP per level (stacked weights), attention over levels, fusion with x_p
+        self.level_fc = nn.Parameter(torch.randn(L, D, D) * 0.02)
+        self.level_ln = nn.Parameter(torch.ones(L, D))
+        self.level_proj = nn.Parameter(torch.randn(L, D, D) * 0.02)
+        self.level_q = nn.Linear(D, D, bias=bias)
+        self.level_kv = nn.Linear(D, 2 * D, bias=bias)
+        self.level_out = nn.Linear(D, D, bias=bias)
+        self.multi_fuse = nn.Linear(2 * D, D, bias=bias)
+        self.multi_ln = LayerNorm(D, bias)
+        # path-weighted fusion
+        self.count_fc = nn.Linear(1, 16)
+        self.count_proj = nn.Linear(16, 1)
+        self.message = nn.Linear(2 * D, D, bias=bias)
+        self.message_ln = LayerNorm(D, bias)
+        self.gru = nn.GRUCell(D, D, bias=True)
+        self.path_gate = nn.Linear(2 * D, D, bias=bias)
+        # meta-fusion, residual: the output weight is a plain zero Parameter so init_weights leaves it at zero
+        self.fuse_in = nn.Linear(3 * D, 2 * D, bias=bias)
+        self.fuse_ln = LayerNorm(2 * D, bias)
+        self.fuse_out = nn.Parameter(torch.zeros(D, 2 * D))
+
+    def _rows_in(self, start_pos, end):
+        """Slices of spine nodes and of rows with parents whose positions fall in [start_pos, end)."""
+        first, stop = sum(s < start_pos for s in self.spine), sum(s < end for s in self.spine)
+        return first, stop, max(first, 3) - 3, max(stop, 3) - 3
+
+    def row_update(self, x_row, ancestors, rows):
+        """x_row (B, R, D), ancestors (B, R, A, D), rows: the slice of the tables -> the rows' update (B, R, D)."""
+        B, R, A, D = ancestors.shape
+        nh, hd = self.n_heads, D // self.n_heads
+        # multi-level: count-weighted pooling per level, per-level MLP, attention from the row over its levels
+        pooled = torch.einsum("rla,brad->brld", self.level_weight[rows], ancestors)        # (B, R, L, D)
+        f = F.gelu(F.layer_norm(torch.einsum("brld,lde->brle", pooled, self.level_fc), (D,)) * self.level_ln)
+        f = torch.einsum("brld,lde->brle", f, self.level_proj)                             # (B, R, L, D)
+        q = self.level_q(x_row).view(B, R, nh, hd)
+        k, v = self.level_kv(f).view(B, R, -1, 2, nh, hd).unbind(3)                        # (B, R, L, nh, hd)
+        scores = torch.einsum("brhd,brlhd->brhl", q, k) / math.sqrt(hd)
+        scores = scores.masked_fill(~self.level_mask[rows][:, None, :], float("-inf"))
+        attended = torch.einsum("brhl,brlhd->brhd", scores.softmax(-1), v).reshape(B, R, D)
+        multi = self.multi_ln(self.multi_fuse(torch.cat([self.level_out(attended), x_row], -1)))
+        # path-weighted: count-weighted messages, a GRU over the ancestors (padding leaves the state unchanged)
+        weight = F.softplus(self.count_proj(F.relu(self.count_fc(self.anc_log_count[rows][..., None]))))  # (R, A, 1)
+        pair = torch.cat([ancestors, x_row[:, :, None].expand(B, R, A, D)], -1)
+        messages = F.gelu(self.message_ln(self.message(pair))) * weight                    # (B, R, A, D)
+        state = x_row.new_zeros(B * R, D)
+        mask = self.anc_mask[rows][None].expand(B, R, A).reshape(B * R, A, 1)
+        for a in range(A):
+            state = torch.where(mask[:, a], self.gru(messages[:, :, a].reshape(B * R, D), state), state)
+        state = state.view(B, R, D)
+        gate = torch.sigmoid(self.path_gate(torch.cat([state, x_row], -1)))
+        path = gate * state + (1 - gate) * x_row
+        hidden = F.gelu(self.fuse_ln(self.fuse_in(torch.cat([x_row, multi, path], -1))))
+        return F.linear(hidden, self.fuse_out)
+
+    def forward(self, x, start_pos=0, rows_cache=None):
+        """x (B, T, D) at absolute positions start_pos.. -> (B, T, D). rows_cache: (B, n_spine, D) or None."""
+        first, stop, r0, r1 = self._rows_in(start_pos, start_pos + x.size(1))
+        if rows_cache is None:
+            if start_pos:
+                raise UsageError(f"the lattice needs its cache for start_pos={start_pos} > 0: pass the model's cache")
+            source, anc_index = x, self.anc_pos                    # ancestors read straight from x
+        else:
+            rows_cache[:, first:stop] = x[:, self.spine_pos[first:stop] - start_pos]
+            source, anc_index = rows_cache, self.anc_spine         # ancestors read from the cached spine rows
+        if r0 == r1:
+            return x
+        rows = slice(r0, r1)
+        local = self.row_pos[rows] - start_pos                     # (R,) rows' indices in this call
+        update = self.row_update(x[:, local], source[:, anc_index[rows]], rows)  # (B, R, D)
+        return x.index_add(1, local, update.to(x.dtype))  # under autocast the update may be in lower precision
+
+
+# -----------------------------------------------------------------------------
+# early exit (per token, CALM-style state propagation)
+#
+# Each exit head reads one token's own state, so decisions are causal and never depend on other samples (the
+# original pooled its confidence over the sequence and the batch). Training runs every layer and fits the heads
+# to a detached saturation target; only inference takes hard decisions, and an exited token's state is copied
+# upward while every skipped layer still caches its K/V (Schuster et al. 2022, "CALM"), so caches stay complete.
+
+EXIT_SATURATION = 0.95    # a layer's state counts as saturated when cos(h^l, h^L) > 0.95 (v3_v4.md section 5.3)
+EXIT_LOSS_WEIGHT = 0.03   # the original's weight of its depth term
+
+
+class ExitHead(nn.Module):
+    """c_t = sigmoid(w . LN(h_t) + b): the confidence that token t's state no longer changes. Returns the logit."""
+
+    def __init__(self, d_model, bias=False):
+        super().__init__()
+        self.ln = LayerNorm(d_model, bias)
+        self.fc = nn.Linear(d_model, 1)
+
+    def forward(self, h):
+        return self.fc(self.ln(h)).squeeze(-1)  # (B, T)
+
+
+def exit_head_loss(heads, states, final):
+    """Sum over exit heads of BCE(c^l, 1[cos(h^l, h^L) > EXIT_SATURATION]), targets and inputs detached so the
+    heads learn to read the stack without reshaping it. states: the hidden states after layers 1..len(heads)."""
+    final = final.detach()
+    total = final.new_zeros(())
+    for head, state in zip(heads, states):
+        state = state.detach()
+        target = (F.cosine_similarity(state, final, dim=-1) > EXIT_SATURATION).to(state.dtype)
+        total = total + F.binary_cross_entropy_with_logits(head(state).float(), target.float())
+    return total
+
+
+def fill_kv(block, x, kv_cache, start_pos):
+    """Write the K/V that `block` would cache for x without running it: an exited token's skipped layers."""
+    attn = block.attn
+    B, T, C = x.shape
+    w, b = attn.qkv.weight[C:], None if attn.qkv.bias is None else attn.qkv.bias[C:]
+    k, v = F.linear(block.ln_1(x), w, b).split(C, dim=2)
+    k, v = (t.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2) for t in (k, v))
+    kv_cache.update(start_pos, k, v)
+
+
+class SpineCache(Cache):
+    """The KV caches of a SpineTrunk (bottom layers, then top layers) and its lattice input rows (B, n_spine, D).
+
+    `truncate` needs nothing more than the KV lengths: lattice rows are written by position, a call rewrites
+    every spine row it covers before reading any, and it only reads rows below its own positions."""
+
+    def __init__(self, layers, lattice_rows):
+        super().__init__(layers)
+        self.lattice_rows = lattice_rows
+
+    def nbytes(self):
+        rows = 0 if self.lattice_rows is None else self.lattice_rows.nelement() * self.lattice_rows.element_size()
+        return super().nbytes() + rows
+
+
+class SpineTrunk(nn.Module):
+    """The HST v3/v4 stack over one causal axis (tokens, or chunks in chunk mode): adaptive bottom blocks with
+    per-token early exit, the spine lattice core, top blocks.
+
+    forward(x, cache, start_pos, exit_threshold) -> (h, exit_loss, exit_depth). Training: every layer runs and
+    exit_loss is the exit heads' objective (exit_depth None). Eval: token t stops after bottom layer l < n_bottom
+    when its confidence exceeds exit_threshold (exit_loss None, exit_depth (B, T) = bottom layers run). A
+    threshold above 1 never exits and gives exactly the dense model. The lattice exists only when max_len
+    reaches a spine row with parents (12)."""
+
+    def __init__(self, d_model, n_heads, n_bottom, n_top, max_len, bias=False, dropout=0.0):
+        super().__init__()
+        self.d_model, self.max_len = d_model, max_len
+        self.bottom = nn.ModuleList(Block(d_model, n_heads, bias, dropout) for _ in range(n_bottom))
+        self.exit_heads = nn.ModuleList(ExitHead(d_model, bias) for _ in range(n_bottom - 1))
+        self.lattice = LatticeCore(d_model, n_heads, max_len, bias) if max_len > 12 else None
+        self.top = nn.ModuleList(Block(d_model, n_heads, bias, dropout) for _ in range(n_top))
+
+    def new_cache(self, batch_size, device, dtype):
+        blocks = list(self.bottom) + list(self.top)
+        layers = [b.attn.new_kv_cache(batch_size, self.max_len, device, dtype) for b in blocks]
+        rows = None if self.lattice is None else torch.zeros(batch_size, len(self.lattice.spine), self.d_model,
+                                                             device=device, dtype=dtype)
+        return SpineCache(layers, rows)
+
+    def forward(self, x, cache=None, start_pos=0, exit_threshold=2.0):
+        kv = [None] * (len(self.bottom) + len(self.top)) if cache is None else cache.layers
+        h, loss, depth = x, None, None
+        if self.training:
+            states = []
+            for i, block in enumerate(self.bottom):
+                h = block(h, kv[i], start_pos)
+                states.append(h)
+            loss = exit_head_loss(self.exit_heads, states, h) if len(self.exit_heads) else None
+        else:
+            B, T, _ = x.shape
+            exited = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+            depth = torch.full((B, T), len(self.bottom), dtype=torch.long, device=x.device)
+            for i, block in enumerate(self.bottom):
+                if i and bool(exited.all()):  # speed path: nothing left to compute but the skipped layers' K/V
+                    if kv[i] is not None:
+                        fill_kv(block, h, kv[i], start_pos)
+                    continue
+                # exited tokens keep their state; the block still reads it for their K/V (state propagation)
+                h = torch.where(exited[..., None], h, block(h, kv[i], start_pos))
+                if i < len(self.exit_heads):
+                    leave = ~exited & (torch.sigmoid(self.exit_heads[i](h)) > exit_threshold)
+                    depth = torch.where(leave, i + 1, depth)
+                    exited = exited | leave
+        if self.lattice is not None:
+            h = self.lattice(h, start_pos, None if cache is None else cache.lattice_rows)
+        for i, block in enumerate(self.top, start=len(self.bottom)):
+            h = block(h, kv[i], start_pos)
+        return h, loss, depth
+
+
+# -----------------------------------------------------------------------------
+# horizon heads (multi-token prediction)
+#
+# Canonical offsets (DESIGN.md 2.5): offset k = 1..H at position t predicts token t+k; offset 1 is the main head.
+# Offsets 2..H are Medusa heads (Cai et al. 2024): z_k = h + SiLU(W_k h) on the final normed state, read out by
+# the tied unembedding. W_k starts at zero, so every offset starts as the main head's prediction.
+
+class HorizonHeads(nn.Module):
+    """Offsets 2..horizon as residual SiLU maps of the final state; read them out with the tied unembedding."""
+
+    def __init__(self, d_model, horizon):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(horizon - 1, d_model, d_model))  # (H-1, D, D), offsets 2..H
+
+    def forward(self, h):
+        """h (B, T, D) -> (B, T, H-1, D): the hidden state of offsets 2..H at every position."""
+        return h[:, :, None] + F.silu(torch.einsum("btd,ked->btke", h, self.weight))
+
+
+def horizon_targets(targets, offset):
+    """The token each position's offset-k head is trained on: targets[:, t + k - 1] (targets[:, t] is token
+    t+1), and -1 (ignored) where t + k runs past the window."""
+    shifted = targets[:, offset - 1:]
+    return F.pad(shifted, (0, targets.size(1) - shifted.size(1)), value=-1)
+
+
+def _offset_ce(z, unembed, target):
+    """Mean CE over the positions that have a target; 0 (not nan) for a window too short to have any."""
+    ce = F.cross_entropy(F.linear(z, unembed).float().flatten(0, 1), target.reshape(-1), ignore_index=-1,
+                         reduction="sum")
+    return ce / (target >= 0).sum().clamp_min(1)
+
+
+def horizon_loss(horizon_hidden, unembed, targets, gamma=0.95):
+    """sum_k gamma^(k-1) CE_k / sum_k gamma^(k-1) over offsets k = 2..H, one offset at a time: each offset's
+    (B, T, V) logits are recomputed in the backward pass (checkpoint), so neither [B, T, H, V] nor H copies of
+    [B, T, V] are ever alive together. horizon_hidden (B, T, H-1, D), unembed (V, D), targets (B, T)."""
+    total, norm = 0.0, 0.0
+    for j in range(horizon_hidden.size(2)):
+        offset = j + 2
+        weight = gamma ** (offset - 1)
+        ce = torch.utils.checkpoint.checkpoint(_offset_ce, horizon_hidden[:, :, j], unembed,
+                                               horizon_targets(targets, offset), use_reentrant=False)
+        total, norm = total + weight * ce, norm + weight
+    return total / norm
+
+
+def horizon_objective(logits, targets, horizon_hidden=None, unembed=None, exit_loss=None, horizon_weight=0.5,
+                      gamma=0.95):
+    """The spine variants' objective and its named parts: (CE_main + horizon_weight * CE_horizon) /
+    (1 + horizon_weight) + EXIT_LOSS_WEIGHT * exit_loss. A weighted mean of cross-entropies, so it stays on the
+    scale of next-token CE (about ln V at initialisation) whatever the horizon weight."""
+    aux = {"lm": lm_loss(logits, targets)}
+    loss = aux["lm"]
+    if horizon_hidden is not None:
+        aux["horizon"] = horizon_loss(horizon_hidden, unembed, targets, gamma)
+        loss = (loss + horizon_weight * aux["horizon"]) / (1 + horizon_weight)
+    if exit_loss is not None:
+        aux["exit"] = exit_loss
+        loss = loss + EXIT_LOSS_WEIGHT * exit_loss
+    return loss, aux
+
+
+@torch.no_grad()
+def horizon_draft(seq, k, prev_out, prev_index, unembed):
+    """model.draft for models with horizon heads: greedy drafts from the heads at the last cached position.
+    The pending token is at N-1 and prev_index is position N-2, so offset j+1 there drafts position N-1+j.
+    Without a previous output (a one-token prompt) it falls back to prompt lookup."""
+    if prev_out is None or prev_out.horizon_hidden is None:
+        return prompt_lookup_draft(seq, k)
+    return F.linear(prev_out.horizon_hidden[0, prev_index, :k], unembed).argmax(-1), None
+
+
+# -----------------------------------------------------------------------------
+# chunk mode (MEGABYTE, Yu et al. 2023; Block Transformer, Ho et al. 2024)
+#
+# Token t's logits predict token t+1, which sits in group g = (t+1) // C, slot (t+1) % C of the "stream"
+# [BOS, x_0, x_1, ...] (stream slot u holds token u-1). Chunk j is the tokens jC..jC+C-1; its encoding e_j feeds
+# global slot j+1 only, so global output g_c summarises chunks < c (slot 0 reads a learned start vector). The local
+# decoder runs causally inside each group of C stream slots, conditioned on its g. Token t therefore reads chunks
+# < (t+1) // C, all of whose tokens are <= t, and the earlier slots of its own group: causal, for any length.
+
+class GroupedCausalSelfAttention(CausalSelfAttention):
+    """Causal self-attention inside fixed groups of `group_size` consecutive positions: u reads its group's
+    positions up to u. Without a cache the input is whole groups (the caller pads), attended as a batch axis."""
+
+    def __init__(self, d_model, n_heads, group_size, bias=False, dropout=0.0):
+        super().__init__(d_model, n_heads, bias, dropout)
+        self.group_size = group_size
+
+    def forward(self, x, kv_cache=None, start_pos=0):
+        B, T, C = x.shape
+        G = self.group_size
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        dropout = self.dropout if self.training else 0.0
+        if kv_cache is None:
+            if start_pos % G or T % G:
+                raise ValueError(f"uncached grouped attention needs whole groups of {G}, got {T} at {start_pos}")
+            groups = (B, self.n_heads, T // G, G, self.head_dim)
+            y = F.scaled_dot_product_attention(q.view(groups), k.view(groups), v.view(groups), dropout_p=dropout,
+                                               is_causal=True).view(B, self.n_heads, T, self.head_dim)
+        else:
+            first = start_pos // G * G  # keys before the first query's group are never read
+            k, v = (t[:, :, first:] for t in kv_cache.update(start_pos, k, v))
+            q_pos = torch.arange(start_pos, start_pos + T, device=x.device)[:, None]
+            k_pos = torch.arange(first, start_pos + T, device=x.device)[None]
+            mask = (k_pos <= q_pos) & (k_pos // G == q_pos // G)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class GroupedBlock(Block):
+    """A pre-LN block whose attention stays inside groups (it replaces Block's causal attention)."""
+
+    def __init__(self, d_model, n_heads, group_size, bias=False, dropout=0.0):
+        super().__init__(d_model, n_heads, bias, dropout)
+        self.attn = GroupedCausalSelfAttention(d_model, n_heads, group_size, bias, dropout)
+
+
+class ChunkEncoder(nn.Module):
+    """e_c from the C token embeddings of chunk c, normed and concatenated (MEGABYTE's patch embedder). It sees the
+    whole chunk at once; that is causal-safe because e_c only feeds global slots after chunk c."""
+
+    def __init__(self, d_model, chunk_size, bias=False):
+        super().__init__()
+        self.ln = LayerNorm(d_model, bias)
+        self.proj = nn.Linear(chunk_size * d_model, d_model, bias=bias)
+
+    def forward(self, chunk_emb):
+        return self.proj(self.ln(chunk_emb).flatten(2))  # (B, N, C, D) -> (B, N, D)
+
+
+class LocalDecoder(nn.Module):
+    """Causal transformer over the C slots of each group, conditioned by adding a projection of the group's global
+    context to every slot; slot positions are 0..C-1 and attention never leaves the group."""
+
+    def __init__(self, d_model, n_heads, n_layers, chunk_size, bias=False, dropout=0.0):
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.wpe = nn.Embedding(chunk_size, d_model)
+        self.cond = nn.Linear(d_model, d_model, bias=bias)
+        self.blocks = nn.ModuleList(GroupedBlock(d_model, n_heads, chunk_size, bias, dropout)
+                                    for _ in range(n_layers))
+
+    def forward(self, x, context, caches=None, start=0):
+        """x (B, U, D) slot inputs from stream slot `start` on; context (B, U, D) each slot's global context."""
+        slot = torch.arange(start, start + x.size(1), device=x.device) % self.chunk_size
+        h = x + self.wpe(slot) + self.cond(context)
+        for i, block in enumerate(self.blocks):
+            h = block(h, None if caches is None else caches[i], start)
+        return h
+
+
+class ChunkCache(Cache):
+    """Decoding state of chunk mode: the local decoder's K/V for every stream slot (so rollback can cross a chunk
+    boundary), the global model's cache over chunk slots, the tokens seen (chunks are encoded from them once
+    complete) and the normed global outputs g (B, n_slots, D)."""
+
+    def __init__(self, local_layers, global_cache, tokens, context, chunk_size):
+        super().__init__(local_layers)
+        self.global_cache, self.tokens, self.context, self.chunk_size = global_cache, tokens, context, chunk_size
+        self.n_tokens = 0
+
+    @property
+    def length(self):
+        return self.n_tokens
+
+    def truncate(self, n):
+        self.n_tokens = min(self.n_tokens, n)
+        super().truncate(n + 1)                              # stream slots 0..n: BOS and tokens 0..n-1
+        self.global_cache.truncate(n // self.chunk_size + 1)  # global slot c needs tokens < cC only
+
+    def nbytes(self):
+        extra = sum(t.nelement() * t.element_size() for t in (self.tokens, self.context))
+        return super().nbytes() + self.global_cache.nbytes() + extra
+
+
+class ChunkHierarchy(nn.Module):
+    """Chunk mode around any causal global model: chunk encoder -> global model over chunk slots (shifted by one
+    slot) -> local decoder over token slots. forward(idx, embed, cache, start_pos, **global_kwargs) ->
+    (hidden (B, T, D), the rest of the global model's output tuple, or None when the call computed no global
+    slot: a decode step inside a chunk reads the cached context). The global model is called as
+    global_model(x, cache, start_pos, **global_kwargs) and returns (h, ...); it provides new_cache(B, device, dtype)
+    over max_seq_len // chunk_size + 1 slots."""
+
+    def __init__(self, global_model, d_model, n_heads, n_local_layers, chunk_size, max_seq_len, bias=False,
+                 dropout=0.0):
+        super().__init__()
+        self.chunk_size, self.max_seq_len = chunk_size, max_seq_len
+        self.n_slots = max_seq_len // chunk_size + 1     # groups of the stream [BOS, x_0 .. x_{max_seq_len-1}]
+        self.encoder = ChunkEncoder(d_model, chunk_size, bias)
+        self.start = nn.Parameter(torch.randn(d_model) * 0.02)   # global slot 0: no chunk before it
+        self.bos = nn.Parameter(torch.randn(d_model) * 0.02)     # stream slot 0: no token before it
+        self.slot_pe = nn.Embedding(self.n_slots, d_model)        # global positions are chunk slots
+        self.global_model = global_model
+        self.ln_g = LayerNorm(d_model, bias)
+        self.local = LocalDecoder(d_model, n_heads, n_local_layers, chunk_size, bias, dropout)
+
+    def new_cache(self, batch_size, device, dtype):
+        D = self.bos.numel()
+        local = [b.attn.new_kv_cache(batch_size, self.max_seq_len + 1, device, dtype) for b in self.local.blocks]
+        return ChunkCache(local, self.global_model.new_cache(batch_size, device, dtype),
+                          torch.zeros(batch_size, self.max_seq_len, dtype=torch.long, device=device),
+                          torch.zeros(batch_size, self.n_slots, D, device=device, dtype=dtype), self.chunk_size)
+
+    def _global(self, embed, chunks, first_slot, cache, global_kwargs):
+        """chunks (B, N, C) for slots first_slot+1.. (plus the start vector when first_slot is 0) -> normed g."""
+        B = chunks.size(0)
+        x = self.encoder(embed(chunks))                                          # (B, N, D)
+        if first_slot == 0:
+            x = torch.cat([self.start.expand(B, 1, -1).to(x.dtype), x], 1)
+        x = x + self.slot_pe(torch.arange(first_slot, first_slot + x.size(1), device=x.device))
+        out = self.global_model(x, cache, first_slot, **global_kwargs)
+        return self.ln_g(out[0]), out[1:]
+
+    def forward(self, idx, embed, cache=None, start_pos=0, **global_kwargs):
+        B, T = idx.shape
+        C = self.chunk_size
+        tokens = embed(idx)                                                      # (B, T, D)
+        bos = self.bos.expand(B, 1, -1).to(tokens.dtype)
+        if cache is None:
+            if start_pos:
+                raise UsageError(f"chunk mode needs the cache for start_pos={start_pos} > 0: pass the model's cache")
+            n_groups = T // C + 1                                                # groups of the stream of T+1 slots
+            g, rest = self._global(embed, idx[:, :(n_groups - 1) * C].view(B, n_groups - 1, C), 0, None,
+                                   global_kwargs)                                # (B, n_groups, D)
+            stream = F.pad(torch.cat([bos, tokens], 1), (0, 0, 0, n_groups * C - T - 1))  # (B, n_groups * C, D)
+            h = self.local(stream, g.repeat_interleave(C, 1))
+            return h[:, 1:T + 1], rest
+        cache.tokens[:, start_pos:start_pos + T] = idx
+        last_group = (start_pos + T) // C
+        done = cache.global_cache.length                                         # global slots already computed
+        rest = None
+        if done <= last_group:  # new global slots: chunks that completed since, read back from the cache
+            chunks = cache.tokens[:, max(done - 1, 0) * C:last_group * C].view(B, -1, C)
+            g, rest = self._global(embed, chunks, done, cache.global_cache, global_kwargs)
+            cache.context[:, done:last_group + 1] = g
+        first = 0 if start_pos == 0 else start_pos + 1                          # stream slot of this call's first input
+        stream = torch.cat([bos, tokens], 1) if start_pos == 0 else tokens
+        slot = torch.arange(first, start_pos + T + 1, device=idx.device)
+        h = self.local(stream, cache.context[:, slot // C], cache.layers, first)
+        cache.n_tokens = start_pos + T
+        return h[:, -T:], rest
 
 
 # -----------------------------------------------------------------------------

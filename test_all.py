@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import core
 import prepare_data
@@ -182,6 +183,483 @@ def test_positions_past_the_context_are_an_error_not_a_clamp(name, mode):
     with pytest.raises(core.UsageError, match="max_seq_len"):
         model(torch.zeros(1, TINY["max_seq_len"] + 1, dtype=torch.long))
 
+
+# -----------------------------------------------------------------------------
+# v3 and v4 (shared/spec/variants/v3_v4.md 5.8): spine lattice, early exit, horizon heads, chunk mode
+
+SMALL = dict(vocab_size=64, d_model=16, n_layers=2, n_heads=2)
+LONG = 320     # reaches spine rows 12, 36, 104, 304 (and chunk slots 12, 36 in chunk mode with C = 8)
+C = 8          # chunk_size of the chunk-mode tests
+
+
+def build(name, mode="token", seed=0, **overrides):
+    torch.manual_seed(seed)
+    return core.build_model(name, mode=mode, **{**SMALL, "max_seq_len": 48, **overrides})
+
+
+def train(model, steps=5, lr=1e-2, seed=0, batch=None):
+    """A few AdamW steps on random windows (or on `batch`), so zero-initialised branches are active."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    T = model.config.max_seq_len
+    with torch.enable_grad():  # also inside a no_grad test
+        for _ in range(steps):
+            x = batch if batch is not None else torch.randint(0, model.config.vocab_size, (2, T + 1), generator=g)
+            loss = model(x[:, :-1], targets=x[:, 1:]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def tokens(shape, seed, vocab=SMALL["vocab_size"]):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def decode_in_pieces(model, idx, cuts):
+    """Cached forward over idx split at `cuts` (absolute positions): the concatenated outputs of every call."""
+    cache = model.new_cache(idx.size(0))
+    outs, bounds = [], [0] + list(cuts) + [idx.size(1)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        outs.append(model(idx[:, a:b], cache=cache, start_pos=a))
+    return outs, cache
+
+
+def cat(outs, field):
+    return torch.cat([getattr(o, field) for o in outs], 1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: a second intra-op thread buys nothing and, on busy cores, costs up to 20x in
+    waiting for the other thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["v3", "v4"])
+def spine_long(request):
+    """v3 / v4 token mode over 320 positions, trained a few steps so the lattice's zero-initialised output is live."""
+    return train(build(request.param, max_seq_len=LONG), steps=4)
+
+
+@pytest.fixture(scope="module")
+def v4_chunk_long():
+    """v4 chunk mode over 320 positions = 41 chunk slots, so the global lattice updates slots 12 and 36."""
+    return train(build("v4", "chunk", max_seq_len=LONG, chunk_size=C), steps=4)
+
+
+# -----------------------------------------------------------------------------
+# spine and analyzer tables
+
+def test_spine_is_the_doubled_tribonacci_sequence_below_max_len():
+    assert core.spine_positions(512) == [0, 2, 4, 12, 36, 104, 304]
+    assert core.spine_positions(8192) == [0, 2, 4, 12, 36, 104, 304, 888, 2592, 7568]
+    assert core.spine_positions(304) == [0, 2, 4, 12, 36, 104]
+
+
+def test_analyzer_levels_are_shortest_hops_and_counts_are_dag_paths():
+    assert core.lattice_structure(304) == ({1: [104, 36, 12], 2: [4, 2, 0]},
+                                           {104: 1, 36: 2, 12: 4, 4: 7, 2: 6, 0: 4})
+    assert core.lattice_structure(104) == ({1: [36, 12, 4], 2: [2, 0]}, {36: 1, 12: 2, 4: 4, 2: 3, 0: 2})
+    assert core.lattice_structure(36) == ({1: [12, 4, 2], 2: [0]}, {12: 1, 4: 2, 2: 2, 0: 1})
+    assert core.lattice_structure(12) == ({1: [4, 2, 0]}, {4: 1, 2: 1, 0: 1})
+    assert core.lattice_structure(4) == ({}, {})
+    with pytest.raises(ValueError):
+        core.lattice_structure(13)
+
+
+def test_lattice_tables_hold_the_analyzer_as_padded_buffers():
+    lattice = core.LatticeCore(8, 2, 512)
+    assert lattice.row_pos.tolist() == [12, 36, 104, 304] and lattice.n_levels == 2 and lattice.n_ancestors == 6
+    r = 3  # row 304: six ancestors ascending (the nearest parent is read last), no padding
+    assert lattice.anc_pos[r].tolist() == [0, 2, 4, 12, 36, 104] and lattice.anc_mask[r].all()
+    assert torch.allclose(lattice.level_weight[r, 0], torch.tensor([0, 0, 0, 4, 2, 1]) / 7)
+    assert torch.allclose(lattice.level_weight[r, 1], torch.tensor([4, 6, 7, 0, 0, 0]) / 17)
+    r = 0  # row 12: three ancestors, left-padded, one level only
+    assert lattice.anc_mask[r].tolist() == [False] * 3 + [True] * 3 and lattice.level_mask[r].tolist() == [True, False]
+    assert (lattice.anc_pos < lattice.row_pos[:, None]).all()  # causal by construction
+
+
+# -----------------------------------------------------------------------------
+# lattice core
+
+def lattice_reference(lattice, x):
+    """The lattice written row by row and ancestor by ancestor from the analyzer's dicts."""
+    B, T, D = x.shape
+    nh, hd = lattice.n_heads, D // lattice.n_heads
+    out = x.clone()
+    for p in lattice.spine[3:]:
+        if p >= T:
+            break
+        levels, counts = core.lattice_structure(p, lattice.spine)
+        xp = x[:, p]
+        features = []
+        for level in sorted(levels):
+            total = sum(counts[m] for m in levels[level])
+            pooled = sum(counts[m] / total * x[:, m] for m in levels[level])
+            f = F.layer_norm(pooled @ lattice.level_fc[level - 1], (D,)) * lattice.level_ln[level - 1]
+            features.append(F.gelu(f) @ lattice.level_proj[level - 1])
+        f = torch.stack(features, 1)                                          # (B, levels, D)
+        q = lattice.level_q(xp).view(B, nh, hd)
+        k, v = lattice.level_kv(f).view(B, len(features), 2, nh, hd).unbind(2)
+        weights = (torch.einsum("bhd,blhd->bhl", q, k) / math.sqrt(hd)).softmax(-1)
+        attended = torch.einsum("bhl,blhd->bhd", weights, v).reshape(B, D)
+        multi = lattice.multi_ln(lattice.multi_fuse(torch.cat([lattice.level_out(attended), xp], -1)))
+        state = torch.zeros(B, D)
+        for a in sorted(counts):
+            w = F.softplus(lattice.count_proj(F.relu(lattice.count_fc(torch.tensor([math.log1p(counts[a])])))))
+            message = F.gelu(lattice.message_ln(lattice.message(torch.cat([x[:, a], xp], -1)))) * w
+            state = lattice.gru(message, state)
+        gate = torch.sigmoid(lattice.path_gate(torch.cat([state, xp], -1)))
+        path = gate * state + (1 - gate) * xp
+        hidden = F.gelu(lattice.fuse_ln(lattice.fuse_in(torch.cat([xp, multi, path], -1))))
+        out[:, p] = xp + hidden @ lattice.fuse_out.T
+    return out
+
+
+def live_lattice(d_model=8, max_len=LONG, seed=0):
+    torch.manual_seed(seed)
+    lattice = core.LatticeCore(d_model, 2, max_len)
+    with torch.no_grad():
+        lattice.fuse_out.normal_()  # as after training: the zero-initialised output would hide every path
+    return lattice
+
+
+@torch.no_grad()
+def test_vectorized_lattice_equals_the_per_row_loop_reference():
+    lattice = live_lattice()
+    x = torch.randn(2, LONG, 8)
+    out = lattice(x)
+    assert max_diff(out, lattice_reference(lattice, x)) <= 1e-5
+    spine_rows = [12, 36, 104, 304]
+    assert max_diff(out[:, spine_rows], x[:, spine_rows]) > 1e-2
+    off_spine = [t for t in range(LONG) if t not in spine_rows]
+    assert torch.equal(out[:, off_spine], x[:, off_spine])
+
+
+@torch.no_grad()
+def test_zero_initialised_lattice_is_the_identity():
+    x = torch.randn(2, LONG, 8)
+    assert torch.equal(core.LatticeCore(8, 2, LONG)(x), x)
+
+
+def test_lattice_jacobian_is_zero_from_every_later_position_and_every_non_ancestor():
+    lattice = live_lattice(d_model=4, max_len=40)
+    x = torch.randn(1, 40, 4)
+    jac = torch.autograd.functional.jacobian(lambda v: lattice(v)[0], x)[:, :, 0]  # (T, D, T, D)
+    reads = jac.abs().sum((1, 3)) > 0                                              # reads[t, s]: out_t depends on x_s
+    assert not reads.triu(1).any(), "an output depends on a later position"
+    assert reads[36].nonzero().flatten().tolist() == [0, 2, 4, 12, 36]
+    assert reads[12].nonzero().flatten().tolist() == [0, 2, 4, 12]
+    assert reads[20].nonzero().flatten().tolist() == [20]
+
+
+@torch.no_grad()
+def test_lattice_with_its_row_cache_equals_the_full_pass_in_any_pieces():
+    lattice = live_lattice()
+    x = torch.randn(2, LONG, 8)
+    full = lattice(x)
+    for cuts in ([1, 5, 12, 13, 36, 37, 100, 110, 304, 305], list(range(1, LONG))):
+        rows = torch.zeros(2, len(lattice.spine), 8)
+        bounds = [0] + cuts + [LONG]
+        pieces = [lattice(x[:, a:b], a, rows) for a, b in zip(bounds[:-1], bounds[1:])]
+        assert max_diff(torch.cat(pieces, 1), full) <= 1e-5
+
+
+# -----------------------------------------------------------------------------
+# whole models: causality and caches at spine rows and chunk boundaries
+
+@torch.no_grad()
+def test_token_mode_outputs_at_spine_rows_depend_only_on_earlier_tokens(spine_long):
+    idx = tokens((2, LONG), 1)
+    ref = spine_long(idx)
+    for t in (11, 12, 35, 36, 103, 104, 303, 304):
+        perturbed = idx.clone()
+        perturbed[:, t + 1:] = (perturbed[:, t + 1:] + 5) % SMALL["vocab_size"]
+        out = spine_long(perturbed)
+        for field in ("logits", "hidden", "horizon_hidden"):
+            assert max_diff(getattr(ref, field)[:, :t + 1], getattr(out, field)[:, :t + 1]) <= 1e-6, (field, t)
+
+
+@torch.no_grad()
+def test_token_mode_cached_decoding_equals_the_full_forward_across_spine_rows(spine_long):
+    assert spine_long.trunk.lattice.fuse_out.abs().sum() > 0, "the lattice is still the identity"
+    idx = tokens((2, LONG), 2)
+    full = spine_long(idx)
+    for cuts in ([12, 13, 36, 37, 104, 105, 304, 305], [30, 40, 300, 310], list(range(290, LONG))):
+        outs, cache = decode_in_pieces(spine_long, idx, cuts)
+        assert max_diff(cat(outs, "logits"), full.logits) <= 1e-4, cuts
+        assert max_diff(cat(outs, "horizon_hidden"), full.horizon_hidden) <= 1e-4, cuts
+
+
+@torch.no_grad()
+def test_token_mode_truncating_over_a_spine_row_and_decoding_again_is_exact(spine_long):
+    idx = tokens((1, LONG), 3)
+    full = spine_long(idx).logits
+    cache = spine_long.new_cache(1)
+    spine_long(idx[:, :300], cache=cache, start_pos=0)
+    spine_long((idx[:, 300:310] + 1) % SMALL["vocab_size"], cache=cache, start_pos=300)  # rejected drafts over 304
+    cache.truncate(300)
+    again = [spine_long(idx[:, t:t + 1], cache=cache, start_pos=t).logits for t in range(300, LONG)]
+    assert max_diff(torch.cat(again, 1), full[:, 300:]) <= 1e-4
+
+
+@pytest.mark.parametrize("S", [1, C - 1, C, C + 5, 3 * C + 2])
+@torch.no_grad()
+def test_v4_chunk_mode_runs_and_is_causal_for_any_length(S):
+    model = train(build("v4", "chunk", chunk_size=C), steps=3)
+    idx = tokens((2, S), 4)
+    ref = model(idx)
+    assert ref.logits.shape == (2, S, SMALL["vocab_size"]) and torch.isfinite(ref.logits).all()
+    for t in range(S - 1):
+        perturbed = idx.clone()
+        perturbed[:, t + 1:] = (perturbed[:, t + 1:] + 5) % SMALL["vocab_size"]
+        out = model(perturbed)
+        assert max_diff(ref.logits[:, :t + 1], out.logits[:, :t + 1]) <= 1e-6, t
+        assert max_diff(ref.horizon_hidden[:, :t + 1], out.horizon_hidden[:, :t + 1]) <= 1e-6, t
+    assert torch.isfinite(model.train()(idx, targets=idx.roll(-1, 1)).loss)
+
+
+@pytest.mark.parametrize("prompt_len", [1, C - 1, C, C + 5])
+@torch.no_grad()
+def test_v4_chunk_prefill_and_decode_equal_the_full_forward_across_chunk_boundaries(prompt_len):
+    model = train(build("v4", "chunk", chunk_size=C), steps=3)
+    S = 3 * C + 5
+    idx = tokens((2, S), 5)
+    full = model(idx).logits
+    outs, cache = decode_in_pieces(model, idx, range(prompt_len, S))
+    assert max_diff(cat(outs, "logits"), full) <= 1e-4
+    assert cache.length == S and cache.global_cache.length == S // C + 1
+    outs, _ = decode_in_pieces(model, idx, [prompt_len, prompt_len + 3, 2 * C + 1])  # multi-token blocks
+    assert max_diff(cat(outs, "logits"), full) <= 1e-4
+
+
+@torch.no_grad()
+def test_v4_chunk_decode_step_that_completes_a_chunk_advances_the_global_cache():
+    model = build("v4", "chunk", chunk_size=C).eval()
+    idx = tokens((1, 2 * C), 6)
+    cache = model.new_cache(1)
+    model(idx[:, :C - 1], cache=cache, start_pos=0)
+    assert cache.global_cache.length == 1  # only the start slot: chunk 0 is incomplete
+    model(idx[:, C - 1:C], cache=cache, start_pos=C - 1)
+    assert cache.global_cache.length == 2  # chunk 0 completed: slot 1 (reading e_0) is computed
+    cache.truncate(C - 1)
+    assert cache.global_cache.length == 1 and cache.length == C - 1
+
+
+@torch.no_grad()
+def test_v4_chunk_mode_is_causal_and_cached_at_global_spine_slots(v4_chunk_long):
+    assert v4_chunk_long.chunk.global_model.lattice.row_pos.tolist() == [12, 36]
+    idx = tokens((1, LONG), 7)
+    ref = v4_chunk_long(idx).logits
+    for t in (12 * C - 2, 12 * C - 1, 12 * C, 36 * C - 1, 36 * C + 3):
+        perturbed = idx.clone()
+        perturbed[:, t + 1:] = (perturbed[:, t + 1:] + 5) % SMALL["vocab_size"]
+        assert max_diff(ref[:, :t + 1], v4_chunk_long(perturbed).logits[:, :t + 1]) <= 1e-6, t
+    outs, _ = decode_in_pieces(v4_chunk_long, idx, [90, 95, 96, 97, 100, 287, 288] + list(range(289, 300)))
+    assert max_diff(cat(outs, "logits"), ref) <= 1e-4
+
+
+# -----------------------------------------------------------------------------
+# early exit
+
+def confidences(model, idx):
+    """The first exit head's confidence at every position (captured during an eval forward that never exits)."""
+    trunk = model.trunk if model.config.mode == "token" else model.chunk.global_model
+    seen = []
+    handle = trunk.exit_heads[0].register_forward_hook(lambda m, i, out: seen.append(torch.sigmoid(out)))
+    threshold, model.config.exit_threshold = model.config.exit_threshold, 2.0
+    try:
+        model(idx)
+    finally:
+        handle.remove()
+        model.config.exit_threshold = threshold
+    return seen[0]
+
+
+def split_threshold(model, idx):
+    """A threshold in the widest gap between middle confidences: some positions exit, others not, and no
+    confidence sits close enough to it for rounding to flip a decision between two equivalent passes."""
+    c = confidences(model, idx).flatten().sort().values
+    n = c.numel()
+    i = max(range(n // 4 + 1, 3 * n // 4 + 1), key=lambda i: c[i] - c[i - 1])
+    assert c[i] - c[i - 1] > 1e-5
+    return ((c[i - 1] + c[i]) / 2).item()
+
+
+@pytest.mark.parametrize("name,mode", [("v3", "token"), ("v4", "token"), ("v4", "chunk")])
+@torch.no_grad()
+def test_exit_threshold_above_one_is_exactly_the_dense_model(name, mode):
+    model = train(build(name, mode, n_layers=4, n_bottom_layers=3), steps=3)
+    idx = tokens((2, 40), 8)
+    model.config.exit_threshold = 1.01
+    eval_logits = model(idx).logits
+    dense = model.train()(idx).logits  # training runs every layer (dropout is 0)
+    assert torch.equal(eval_logits, dense)
+    model.eval().config.exit_threshold = split_threshold(model, idx)
+    assert max_diff(model(idx).logits, dense) > 1e-4  # exits happen and change the output
+
+
+@pytest.mark.parametrize("name", ["v3", "v4"])
+@torch.no_grad()
+def test_cached_decoding_with_exits_equals_the_teacher_forced_pass_with_the_same_decisions(name):
+    model = train(build(name, n_layers=4, n_bottom_layers=3), steps=3)
+    idx = tokens((2, 48), 9)
+    model.config.exit_threshold = split_threshold(model, idx)
+    full = model(idx)
+    depth = full.exit_depth
+    assert (depth < 3).any() and (depth == 3).any(), "the threshold should let some tokens exit and keep others"
+    for cuts in ([5, 12, 13, 36, 37], list(range(1, 48))):
+        outs, cache = decode_in_pieces(model, idx, cuts)
+        assert torch.equal(cat(outs, "exit_depth"), depth)
+        assert max_diff(cat(outs, "logits"), full.logits) <= 1e-4
+        assert all(layer.length == 48 for layer in cache.layers), "a skipped layer left a hole in its cache"
+    # one sequence alone: a decode step whose token exits skips its blocks and only fills their K/V
+    outs, _ = decode_in_pieces(model, idx[:1], range(1, 48))
+    assert max_diff(cat(outs, "logits"), full.logits[:1]) <= 1e-4
+
+
+@torch.no_grad()
+def test_chunk_mode_cached_decoding_with_exits_in_the_global_model_equals_the_full_forward():
+    model = train(build("v4", "chunk", n_layers=4, n_bottom_layers=3, chunk_size=C), steps=3)
+    idx = tokens((2, 48), 10)
+    model.config.exit_threshold = split_threshold(model, idx)
+    full = model(idx).logits
+    outs, _ = decode_in_pieces(model, idx, range(3, 48))
+    assert max_diff(cat(outs, "logits"), full) <= 1e-4
+
+
+@torch.no_grad()
+def test_exit_decisions_depend_only_on_earlier_tokens_and_on_their_own_sample():
+    model = train(build("v3", n_layers=4, n_bottom_layers=3), steps=3)
+    idx = tokens((3, 48), 11)
+    model.config.exit_threshold = split_threshold(model, idx)
+    depth = model(idx).exit_depth
+    for t in (0, 10, 30, 46):
+        perturbed = idx.clone()
+        perturbed[:, t + 1:] = (perturbed[:, t + 1:] + 5) % SMALL["vocab_size"]
+        assert torch.equal(model(perturbed).exit_depth[:, :t + 1], depth[:, :t + 1])
+    others = idx.clone()
+    others[1:] = tokens((2, 48), 12)
+    assert torch.equal(model(others).exit_depth[0], depth[0])
+    assert torch.equal(model(idx[:1]).exit_depth[0], depth[0])
+
+
+# -----------------------------------------------------------------------------
+# horizon heads
+
+def test_horizon_offset_k_at_t_is_trained_on_the_token_at_t_plus_k():
+    T = 10
+    seq = torch.arange(T + 1)[None]                 # the token at position p is p
+    targets = seq[:, 1:]                             # targets[:, t] = token t+1
+    for k in (1, 2, 3, 5):
+        expected = [t + k if t + k <= T else -1 for t in range(T)]
+        assert core.horizon_targets(targets, k)[0].tolist() == expected
+
+
+def test_horizon_loss_is_zero_only_for_heads_that_copy_the_future_under_the_right_shift():
+    V = D = 16
+    T, H = 12, 4
+    seq = tokens((3, T + 1), 13, vocab=V)
+    targets = seq[:, 1:]
+    unembed = torch.eye(V)                           # logits = hidden, so a hidden one-hot is a sure prediction
+
+    def heads_reading(shift):
+        hidden = torch.zeros(3, T, H - 1, D)
+        for j in range(H - 1):
+            for t in range(T):
+                if t + j + 2 + shift <= T:
+                    hidden[:, t, j] = 50 * F.one_hot(seq[:, t + j + 2 + shift], V)
+        return hidden
+    assert core.horizon_loss(heads_reading(0), unembed, targets) < 1e-6
+    assert core.horizon_loss(heads_reading(-1), unembed, targets) > 10
+    assert core.horizon_loss(heads_reading(1), unembed, targets) > 10
+
+
+def test_horizon_loss_gradient_reaches_every_offset_and_no_position_without_a_target():
+    T, H, D, V = 6, 4, 8, 20
+    hidden = torch.randn(2, T, H - 1, D, requires_grad=True)
+    core.horizon_loss(hidden, torch.randn(V, D), tokens((2, T), 14, vocab=V)).backward()
+    has_grad = hidden.grad.abs().sum((0, 3)) > 0     # (T, H-1)
+    for j in range(H - 1):                          # offset j+2 at t has a target iff t + j + 2 <= T
+        assert has_grad[:, j].tolist() == [t + j + 2 <= T for t in range(T)]
+
+
+@pytest.mark.parametrize("name,mode", [("v3", "token"), ("v4", "token"), ("v4", "chunk")])
+@torch.no_grad()
+def test_horizon_outputs_at_t_are_invariant_to_later_tokens(name, mode):
+    model = train(build(name, mode), steps=3)
+    idx = tokens((2, 48), 15)
+    ref = model(idx).horizon_hidden
+    for t in (0, 7, 8, 20, 46):
+        perturbed = idx.clone()
+        perturbed[:, t + 1] = (perturbed[:, t + 1] + 1) % SMALL["vocab_size"]
+        assert max_diff(model(perturbed).horizon_hidden[:, :t + 1], ref[:, :t + 1]) <= 1e-6
+
+
+# -----------------------------------------------------------------------------
+# speculative decoding with horizon drafts
+
+@pytest.mark.parametrize("name,mode", [("v3", "token"), ("v4", "token"), ("v4", "chunk")])
+def test_horizon_drafts_get_accepted_and_speculative_greedy_equals_greedy(name, mode, monkeypatch):
+    """After brief training on a repeating pattern, drafts from the horizon heads alone (prompt lookup disabled)
+    are accepted, and greedy speculative decoding still returns exactly greedy's tokens."""
+    pattern = torch.tensor([3, 17, 42, 8, 25, 61, 12])
+    batch = torch.stack([pattern.roll(-s).repeat(8)[:49] for s in range(7)])  # every phase of the cycle
+    # chunk mode must learn the cycle from weights (a group of C = 8 slots holds no earlier period to copy
+    # from), which takes it longer past the unigram plateau
+    steps = 200 if mode == "chunk" else 60
+    model = train(build(name, mode, **({"chunk_size": C} if mode == "chunk" else {})), steps=steps, batch=batch)
+    monkeypatch.setattr(core, "prompt_lookup_draft", lambda seq, k: (seq.new_empty(0), None))
+    stats = {}
+    for prompt_len, draft_len, new in ((2, 3, 20), (9, 1, 15), (5, 2, 30), (20, 3, 25)):
+        prompt = batch[prompt_len % 7:prompt_len % 7 + 1, :prompt_len]
+        plain = model.generate(prompt, new, temperature=0)
+        spec = model.generate(prompt, new, temperature=0, speculative=True, draft_len=draft_len, stats=stats)
+        assert torch.equal(plain, spec), (prompt_len, draft_len)
+    accepted = sum(n * count for n, count in enumerate(stats["accepted_hist"]))
+    assert accepted >= 20, f"only {accepted} horizon drafts accepted"
+    # and on random prompts, where drafts are mostly wrong, the output is still exactly greedy
+    for seed, draft_len in ((16, 2), (17, 3)):
+        prompt = tokens((1, 6), seed)
+        assert torch.equal(model.generate(prompt, 20, temperature=0),
+                           model.generate(prompt, 20, temperature=0, speculative=True, draft_len=draft_len))
+
+
+# -----------------------------------------------------------------------------
+# configuration and training objective
+
+def test_objective_is_next_token_ce_on_the_ln_v_scale_with_named_parts():
+    model = build("v4", "token").train()
+    x = tokens((2, 49), 18)
+    out = model(x[:, :-1], targets=x[:, 1:])
+    assert set(out.aux) == {"lm", "horizon", "exit"}
+    c = model.config
+    mixed = (out.aux["lm"] + c.horizon_weight * out.aux["horizon"]) / (1 + c.horizon_weight)
+    assert torch.allclose(out.loss, mixed + core.EXIT_LOSS_WEIGHT * out.aux["exit"])
+    assert abs(out.aux["lm"].item() - math.log(SMALL["vocab_size"])) < 0.5
+
+
+def test_configs_reject_impossible_layer_splits_and_chunk_sizes():
+    with pytest.raises(core.UsageError, match="n_bottom_layers"):
+        core.build_model("v3", n_layers=2, n_bottom_layers=3)
+    with pytest.raises(core.UsageError, match="chunk_size"):
+        core.build_model("v4", mode="chunk", chunk_size=0)
+    with pytest.raises(core.UsageError, match="mode"):
+        core.build_model("v3", mode="chunk")
+
+
+def test_models_without_lattice_rows_or_horizon_heads_build_no_such_parameters():
+    model = build("v3", max_seq_len=12, horizon=1)
+    assert model.trunk.lattice is None and model.horizon is None
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("lattice" in n or "horizon" in n for n in names)
+    out = model.train()(tokens((1, 12), 19), targets=tokens((1, 12), 20))
+    assert set(out.aux) == {"lm", "exit"}
 
 # -----------------------------------------------------------------------------
 # sampling and speculative decoding
@@ -645,8 +1123,11 @@ def test_ctrl_c_saves_and_resume_continues_the_same_loss_trajectory(shard_dir, t
     assert "Ctrl+C" in out
     result = run(args + [f"--out_dir={interrupted}", "--init_from=resume"])
     assert result.returncode == 0, result.stderr
-    assert train_losses(interrupted) == train_losses(straight)
-    assert max(train_losses(straight)) == 60
+    a, b = train_losses(interrupted), train_losses(straight)
+    # torch AdamW on the CPU is bitwise reproducible; bitsandbytes' CPU kernels differ run to run by ~1e-6
+    tolerance = 0.0 if optimizer == "adamw" else 1e-4
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tolerance for k in a), (a, b)
+    assert max(b) == 60
 
 
 def test_checkpoint_holds_plain_types_and_loads_with_weights_only(shard_dir, tmp_path):

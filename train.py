@@ -275,7 +275,10 @@ def main():
         total = torch.zeros(2, device=dev)
         for x, y in val_batches(val_paths, batch_size, cfg.max_seq_len, eval_iters, rank, world):
             with autocast:
-                total += torch.stack([raw_model(x.to(dev), targets=y.to(dev)).loss.float(), torch.ones((), device=dev)])
+                logits = raw_model(x.to(dev)).logits
+            # next-token cross-entropy alone, whatever auxiliary terms a model trains with, so val losses
+            # compare across models
+            total += torch.stack([core.lm_loss(logits, y.to(dev)), torch.ones((), device=dev)])
         if ddp:
             dist.all_reduce(total)
         train_model.train()

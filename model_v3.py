@@ -1,0 +1,119 @@
+"""HST v3 Ultra: a GPT with per-token early exit, the spine lattice core, and horizon heads.
+
+What it combines (shared/spec/variants/v3_v4.md, section 5):
+- Adaptive bottom stack (the original's AdaptiveBlock): pre-LN blocks, each but the last followed by an exit head
+  c_t = sigmoid(w . LN(h_t) + b) read from the token's own state. Training runs every layer and fits the heads to
+  a detached saturation target, 1[cos(h^l, h^L) > 0.95]; at inference a token stops once its confidence passes
+  exit_threshold and its skipped layers still cache K/V from the copied state (CALM, Schuster et al. 2022).
+- Complete lattice core (the original's MultiLevelLatticeProcessor + PathWeightedLatticeCore + meta-fusion):
+  spine rows 12, 36, 104, 304, ... fuse their spine ancestors by level and by DAG path count
+  (core.LatticeCore), between the bottom and the top stack; cached, so decoding a spine row reads its ancestors.
+- Harmonic horizon predictor: Medusa-style heads (Cai et al. 2024) at every position, offset k = 2..horizon
+  predicting token t+k through the tied unembedding, trained with the discounted, normalized loss
+  (gamma = 0.95), and drafting for lossless speculative decoding (core.speculative_decode).
+
+What it does differently from the original script (v3_v4.md sections 2 and 4):
+- Confidence per token, never pooled over the sequence or the batch, and no `.item()`: exit decisions are causal
+  and batch-independent, and the training forward is one graph.
+- The lattice runs on the bottom stack's output (as lib hst.v3.py), not on raw embeddings; it has a residual
+  with a zero-initialised output, the corrected level/path-count tables, and no dead level modules.
+- Horizon heads share the tied unembedding (no untied vocab matrix) and never materialize [B, T, H, V];
+  the horizon weight is normalized, so next-token CE is not drowned by 6.4x of horizon loss.
+- The objective is a weighted mean, (CE_main + horizon_weight * CE_horizon) / (1 + horizon_weight), plus
+  0.03 * the exit heads' BCE: it stays on the scale of next-token CE (about ln V at initialisation).
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+import core
+
+
+@dataclass
+class Config(core.SpineConfig):  # n_bottom_layers, horizon, horizon_weight, horizon_gamma, exit_threshold
+    modes: ClassVar[tuple] = ("token",)
+
+
+class Model(core.LM):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        c = config
+        self.wte = nn.Embedding(c.vocab_size, c.d_model)
+        self.wpe = nn.Embedding(c.max_seq_len, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.trunk = core.SpineTrunk(c.d_model, c.n_heads, c.n_bottom_layers, c.n_layers - c.n_bottom_layers,
+                                     c.max_seq_len, c.bias, c.dropout)
+        self.ln_f = core.LayerNorm(c.d_model, c.bias)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017); the horizon heads read it too
+        self.horizon = core.HorizonHeads(c.d_model, c.horizon) if c.horizon > 1 else None
+        self.apply(core.init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled residual projections
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * c.n_layers) ** 0.5)
+
+    def new_cache(self, batch_size, device=None, dtype=None):
+        p = next(self.parameters())
+        return self.trunk.new_cache(batch_size, device or p.device, dtype or p.dtype)
+
+    def forward(self, idx, targets=None, cache=None, start_pos=0):
+        c = self.config
+        B, T = idx.shape
+        if start_pos + T > c.max_seq_len:
+            raise core.UsageError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len="
+                                  f"{c.max_seq_len}; crop the input or build with a longer max_seq_len")
+        pos = torch.arange(start_pos, start_pos + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))                              # (B, T, D)
+        h, exit_loss, exit_depth = self.trunk(x, cache, start_pos, c.exit_threshold)
+        h = self.ln_f(h)
+        logits = self.lm_head(h)                                                  # (B, T, V)
+        horizon_hidden = None if self.horizon is None else self.horizon(h)        # (B, T, H-1, D)
+        loss = aux = None
+        if targets is not None:
+            loss, aux = core.horizon_objective(logits, targets, horizon_hidden, self.wte.weight, exit_loss,
+                                               c.horizon_weight, c.horizon_gamma)
+        return core.Output(logits=logits, loss=loss, hidden=h, aux=aux, horizon_hidden=horizon_hidden,
+                           exit_depth=exit_depth)
+
+    def draft(self, seq, k, prev_out, prev_index):
+        return core.horizon_draft(seq, k, prev_out, prev_index, self.wte.weight)
+
+
+if __name__ == "__main__":
+    import math
+    torch.manual_seed(0)
+    V = 512
+    model = core.build_model("v3", vocab_size=V, d_model=64, n_layers=4, n_heads=4, max_seq_len=64)
+    print(f"v3 self-test: {model.num_params():,} parameters at d_model=64, n_layers=4 (2 bottom + 2 top)")
+    idx = torch.randint(0, V, (2, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    out = model(x, targets=y)
+    assert out.logits.shape == (2, 32, V) and out.horizon_hidden.shape == (2, 32, 3, 64)
+    print(f"loss at init {out.loss.item():.3f} (ln V = {math.log(V):.3f}); parts "
+          + ", ".join(f"{k} {v.item():.3f}" for k, v in out.aux.items()))
+    assert abs(out.loss.item() - math.log(V)) < 0.5
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(80):
+        loss = model(x, targets=y).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    print(f"loss after 80 steps on one batch {loss.item():.3f}")
+    assert loss.item() < 0.5, "the model failed to overfit one batch"
+    model.eval()
+    depth = model(x).exit_depth
+    print(f"eval bottom depth per token: mean {depth.float().mean().item():.2f} of {model.config.n_bottom_layers} "
+          f"at exit_threshold {model.config.exit_threshold}")
+    prompt = idx[:1, :8]
+    cached = model.generate(prompt, 24, temperature=0)
+    uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
+    stats = {}
+    speculative = model.generate(prompt, 24, temperature=0, speculative=True, stats=stats)
+    assert torch.equal(cached, uncached) and torch.equal(cached, speculative)
+    print(f"greedy cached == uncached == speculative: ok ({24 / stats['model_calls']:.2f} tokens per model call)")
+    print(f"default config: {core.build_model('v3').num_params():,} parameters "
+          f"(gpt: {core.build_model('gpt').num_params():,})")
