@@ -1197,6 +1197,17 @@ def test_bad_input_gets_one_error_line_and_leaves_files_untouched(shard_dir, tmp
     assert one_error_line(result) and "no checkpoint" in result.stderr
 
 
+def test_train_accepts_the_chosen_models_own_config_fields_and_only_those(shard_dir, tmp_path):
+    out_dir = str(tmp_path / "run")
+    result = run(["train.py", "--model=v3", "--horizon=2", "--exit_threshold=2.0", f"--data_dir={shard_dir}",
+                  f"--out_dir={out_dir}", "--max_iters=1", "--eval_interval=0", "--optimizer=adamw"] + TRAIN_TINY)
+    assert result.returncode == 0, result.stderr
+    config = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model_config"]
+    assert config["horizon"] == 2 and config["exit_threshold"] == 2.0
+    result = run(["train.py", "--model=gpt", "--horizon=2", f"--data_dir={shard_dir}"])
+    assert one_error_line(result) and "unknown setting 'horizon'" in result.stderr
+
+
 def test_sample_rejects_a_prompt_longer_than_the_context(shard_dir, tmp_path):
     out_dir = str(tmp_path / "run")
     assert run(["train.py", f"--data_dir={shard_dir}", f"--out_dir={out_dir}", "--max_iters=1",
