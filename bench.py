@@ -4,9 +4,10 @@ $ python bench.py                                  # everything at CPU sizes (ab
 $ python bench.py --what=throughput --models=gpt,v3
 $ python bench.py --out=results --update_readme    # tables + plots in results/, README results section rewritten
 $ python bench.py --fast                           # tiny sizes, seconds: the test suite's smoke run
-Measurements: throughput (tokens/s, analytic FLOP/s, fraction of the measured matmul peak), quality at equal
-token budget (val loss, bits per byte), generation (uncached / cached / speculative tokens/s, accepted drafts,
-greedy equality), memory of one T4-size training step, KV-cache bytes per token, and data preparation speed.
+Measurements: throughput (tokens/s; FLOP/s counted from each model's own forward; fraction of the measured
+matmul peak), quality at equal token budget (val loss, bits per byte), generation (uncached / cached /
+speculative tokens/s, accepted drafts, greedy equality), memory of one T4-size training step, KV-cache bytes
+per token, and data preparation speed.
 Absolute numbers depend on the machine; compare the ratios to gpt, which are measured in the same run.
 """
 
@@ -108,7 +109,7 @@ def bench_throughput(pairs, s):
                      f"{r['flops'] / peak:.1%}", f"{r['flops'] / base['flops']:.2f}"])
     title = (f"Training throughput (d_model {size['d_model']}, {size['n_layers']} layers, batch {B} x {T}, fp32; "
              f"matmul peak measured {peak / 1e9:.1f} GFLOP/s)")
-    header = ["model", "params", "tokens/s", "vs gpt", "GFLOP/s (analytic)", "of peak", "FLOP/s vs gpt"]
+    header = ["model", "params", "tokens/s", "vs gpt", "GFLOP/s (counted)", "of peak", "FLOP/s vs gpt"]
     return table(title, header, rows), results
 
 

@@ -11,6 +11,7 @@ distribution equal to the model's; with temperature 0 it returns exactly the tok
 """
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -63,6 +64,10 @@ MODELS = {
     "gpt": "model_gpt",
     "v3": "model_v3",
     "v4": "model_v4",
+    "v4_1": "model_v4_1",
+    "v5": "model_v5",
+    "v6": "model_v6",
+    "v7_1_2": "model_v7_1_2",
 }
 
 
@@ -280,11 +285,23 @@ class LM(nn.Module):
         return n
 
     def flops_per_token(self):
-        """Training FLOPs per token (forward + backward), PaLM appendix B as nanoGPT counts them: 6 per
-        non-embedding parameter plus attention's 12 * n_layers * d_model * T. Variants whose compute is not
-        GPT-like override this."""
-        c = self.config
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layers * c.d_model * c.max_seq_len
+        """Training FLOPs per token: 3x the forward's (backward = 2x forward), counted with
+        torch.utils.flop_counter over one forward pass of this very model at its full context, with targets:
+        every matmul and attention it runs (horizon heads, lattice rows, chunk levels, routing), not a
+        GPT-shaped formula. For the GPT control it equals PaLM's 6 N + 12 L D T (a test checks it)."""
+        from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+        T = self.config.max_seq_len
+        idx = torch.zeros(1, T, dtype=torch.long, device=next(self.parameters()).device)
+        was_training = self.training
+        self.train()  # the dense training graph: no early exits
+        # the CPU's fused attention kernel is missing from the counter's table; its work is attention's
+        cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                    lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v)}
+        with torch.random.fork_rng(), torch.no_grad(), \
+                FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+            self(idx, targets=idx)
+        self.train(was_training)
+        return 3 * counter.get_total_flops() / T
 
     def new_cache(self, batch_size, device=None, dtype=None):
         p = next(self.parameters())
@@ -1037,6 +1054,673 @@ class ChunkHierarchy(nn.Module):
         h = self.local(stream, cache.context[:, slot // C], cache.layers, first)
         cache.n_tokens = start_pos + T
         return h[:, -T:], rest
+
+
+# -----------------------------------------------------------------------------
+# chunk mode with cross-attention and context injection (HST v6 and v7.1.2)
+#
+# shared/spec/variants/v6_v7.md sections 8.2-8.4. The local decoder of chunk c cross-attends to a window of the
+# global outputs g_{c-w+1..c} (each summarises chunks before its slot, so the window is causal); the keys and values
+# of a global slot are projected once, when the slot is computed, and kept in the cache beside it. Context
+# injection encodes an external token block into a few memory slots and adds it, through a zero-initialised gate,
+# to the global model's input at slots >= its anchor: predictions of tokens in chunks before the anchor never see it.
+
+class WindowCrossAttention(nn.Module):
+    """Each query attends to its own few memory slots: x (B, U, D), kv (B, U, S, 2D) projected by `project`, mask
+    (U, S) or (B, U, S) of readable slots. A query with no readable slot gets exactly zero."""
+
+    def __init__(self, d_model, n_heads, bias=False):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.q = nn.Linear(d_model, d_model, bias=bias)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def project(self, memory):
+        return self.kv(memory)  # (..., S, D) -> (..., S, 2D)
+
+    def forward(self, x, kv, mask):
+        B, U, D = x.shape
+        nh, hd = self.n_heads, self.head_dim
+        q = self.q(x).view(B, U, nh, hd)
+        k, v = kv.view(B, U, kv.size(2), 2, nh, hd).unbind(3)                       # (B, U, S, nh, hd)
+        scores = torch.einsum("buhd,bushd->buhs", q, k).float() / math.sqrt(hd)     # fp32: -1e9 fits
+        mask = mask[..., None, :]                                                    # (.., U, 1, S)
+        # a finite fill keeps the softmax and its gradient nan-free when nothing is readable; those rows are zeroed
+        probs = scores.masked_fill(~mask, -1e9).softmax(-1) * mask.any(-1, keepdim=True)
+        return self.proj(torch.einsum("buhs,bushd->buhd", probs.to(v.dtype), v).reshape(B, U, D))
+
+
+class CrossBlock(GroupedBlock):
+    """Grouped causal self-attention, then cross-attention to the group's window of global outputs, then the MLP."""
+
+    def __init__(self, d_model, n_heads, group_size, bias=False, dropout=0.0):
+        super().__init__(d_model, n_heads, group_size, bias, dropout)
+        self.ln_x = LayerNorm(d_model, bias)
+        self.xattn = WindowCrossAttention(d_model, n_heads, bias)
+
+    def forward(self, x, kv_mem, mem_mask, kv_cache=None, start_pos=0):
+        x = x + self.attn(self.ln_1(x), kv_cache, start_pos)
+        x = x + self.xattn(self.ln_x(x), kv_mem, mem_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class CrossLocalDecoder(LocalDecoder):
+    """LocalDecoder whose blocks also cross-attend to the last `window` global outputs g_{c-window+1..c} of their
+    group c (the additive conditioning on g_c stays)."""
+
+    def __init__(self, d_model, n_heads, n_layers, chunk_size, window, bias=False, dropout=0.0):
+        super().__init__(d_model, n_heads, n_layers, chunk_size, bias, dropout)
+        self.window = window
+        self.blocks = nn.ModuleList(CrossBlock(d_model, n_heads, chunk_size, bias, dropout) for _ in range(n_layers))
+
+    def project_memory(self, g):
+        """g (B, S, D) -> (B, n_layers, S, 2D): every layer's cross K/V of these global slots, computed once."""
+        return torch.stack([b.xattn.project(g) for b in self.blocks], 1)
+
+    def forward(self, x, g, memory, caches=None, start=0):
+        """x (B, U, D) slot inputs from stream slot `start`; g (B, n, D) global outputs and memory their projected
+        K/V (B, n_layers, n, 2D), indexed by global slot."""
+        slot = torch.arange(start, start + x.size(1), device=x.device)               # (U,) stream slots
+        group = slot // self.chunk_size
+        window = group[:, None] - torch.arange(self.window, device=x.device)         # (U, w) own slot first
+        mask = window >= 0
+        window = window.clamp_min(0)
+        h = x + self.wpe(slot % self.chunk_size) + self.cond(g[:, group])
+        for i, block in enumerate(self.blocks):
+            h = block(h, memory[:, i][:, window], mask, None if caches is None else caches[i], start)
+        return h
+
+
+class CrossChunkCache(ChunkCache):
+    """ChunkCache plus the local decoder's cross K/V per global slot (B, n_layers, n_slots, 2D). Like the global
+    outputs they are written by slot index when the slot is (re)computed, so rollback needs no more than
+    ChunkCache's pointers."""
+
+    def __init__(self, local_layers, global_cache, tokens, context, cross_kv, chunk_size):
+        super().__init__(local_layers, global_cache, tokens, context, chunk_size)
+        self.cross_kv = cross_kv
+
+    def nbytes(self):
+        return super().nbytes() + self.cross_kv.nelement() * self.cross_kv.element_size()
+
+
+class ChunkDecoderWithCache(ChunkHierarchy):
+    """Chunk mode of v6 / v7.1.2: ChunkHierarchy with the cross-attending local decoder and context injection.
+
+    Incremental generation keeps three caches in a CrossChunkCache: the local decoder's self-attention K/V, the
+    cross-attention K/V projected once per global slot, and the global model's cache, advanced once per completed
+    chunk. forward(idx, embed, cache, start_pos, injections, **global_kwargs) -> (hidden (B, T, D), rest) as
+    ChunkHierarchy; `injections` is None or (memory (B|1, S, D), anchors (S,) long): memory slot s is visible to
+    global slots >= anchors[s], i.e. to the predictions of tokens in chunks >= anchors[s] (logits at positions
+    >= anchor * C - 1)."""
+
+    def __init__(self, global_model, d_model, n_heads, n_local_layers, chunk_size, max_seq_len, window=4,
+                 n_inject_slots=4, bias=False, dropout=0.0):
+        super().__init__(global_model, d_model, n_heads, n_local_layers, chunk_size, max_seq_len, bias, dropout)
+        self.local = CrossLocalDecoder(d_model, n_heads, n_local_layers, chunk_size, window, bias, dropout)
+        # injection: chunk encodings of the block -> n_inject_slots learned-query slots -> gated cross-attention
+        self.inject_queries = nn.Parameter(torch.randn(n_inject_slots, d_model) * 0.02)
+        self.inject_pool = WindowCrossAttention(d_model, n_heads, bias)
+        self.inject_ln = LayerNorm(d_model, bias)
+        self.inject_xattn = WindowCrossAttention(d_model, n_heads, bias)
+        self.inject_gate = nn.Parameter(torch.zeros(()))   # tanh(0) = 0: an untrained injection changes nothing
+
+    def new_cache(self, batch_size, device, dtype):
+        base = super().new_cache(batch_size, device, dtype)
+        D = self.bos.numel()
+        cross = torch.zeros(batch_size, len(self.local.blocks), self.n_slots, 2 * D, device=device, dtype=dtype)
+        return CrossChunkCache(base.layers, base.global_cache, base.tokens, base.context, cross, self.chunk_size)
+
+    def encode_injection(self, embed, tokens):
+        """tokens (B, L) -> memory (B, n_inject_slots, D): the block's chunk encodings (the padded tail chunk has
+        zero rows for its pads), pooled by learned queries."""
+        B, L = tokens.shape
+        C = self.chunk_size
+        n = -(-L // C)
+        emb = F.pad(embed(tokens), (0, 0, 0, n * C - L))                             # (B, n C, D)
+        chunks = self.encoder(emb.view(B, n, C, -1))                                  # (B, n, D)
+        S = self.inject_queries.size(0)
+        q = self.inject_queries.expand(B, S, -1).to(chunks.dtype)
+        mask = torch.ones(S, n, dtype=torch.bool, device=tokens.device)
+        return q + self.inject_pool(q, self.inject_pool.project(chunks)[:, None].expand(B, S, n, -1), mask)
+
+    def _global(self, embed, chunks, first_slot, cache, global_kwargs, injections=None):
+        B = chunks.size(0)
+        x = self.encoder(embed(chunks))                                               # (B, N, D)
+        if first_slot == 0:
+            x = torch.cat([self.start.expand(B, 1, -1).to(x.dtype), x], 1)
+        slots = torch.arange(first_slot, first_slot + x.size(1), device=x.device)
+        x = x + self.slot_pe(slots)
+        if injections is not None:
+            memory, anchors = injections                                              # (B|1, S, D), (S,)
+            kv = self.inject_xattn.project(memory).expand(B, -1, -1)                  # (B, S, 2D)
+            # anchor mask: (N, S), or (B, N, S) for per-row anchors (B, S) (training's injection dropout)
+            mask = slots[:, None] >= anchors[None] if anchors.dim() == 1 else slots[:, None] >= anchors[:, None]
+            update = self.inject_xattn(self.inject_ln(x), kv[:, None].expand(B, x.size(1), -1, -1), mask)
+            x = x + torch.tanh(self.inject_gate) * update
+        out = self.global_model(x, cache, first_slot, **global_kwargs)
+        return self.ln_g(out[0]), out[1:]
+
+    def forward(self, idx, embed, cache=None, start_pos=0, injections=None, **global_kwargs):
+        B, T = idx.shape
+        C = self.chunk_size
+        tokens = embed(idx)                                                           # (B, T, D)
+        bos = self.bos.expand(B, 1, -1).to(tokens.dtype)
+        if cache is None:
+            if start_pos:
+                raise UsageError(f"chunk mode needs the cache for start_pos={start_pos} > 0: pass the model's cache")
+            n_groups = T // C + 1
+            g, rest = self._global(embed, idx[:, :(n_groups - 1) * C].view(B, n_groups - 1, C), 0, None,
+                                   global_kwargs, injections)                         # (B, n_groups, D)
+            stream = F.pad(torch.cat([bos, tokens], 1), (0, 0, 0, n_groups * C - T - 1))
+            h = self.local(stream, g, self.local.project_memory(g))
+            return h[:, 1:T + 1], rest
+        cache.tokens[:, start_pos:start_pos + T] = idx
+        last_group = (start_pos + T) // C
+        done = cache.global_cache.length
+        rest = None
+        if done <= last_group:  # chunks completed since the last call: encode them, advance the global model
+            chunks = cache.tokens[:, max(done - 1, 0) * C:last_group * C].view(B, -1, C)
+            g, rest = self._global(embed, chunks, done, cache.global_cache, global_kwargs, injections)
+            cache.context[:, done:last_group + 1] = g
+            cache.cross_kv[:, :, done:last_group + 1] = self.local.project_memory(g)
+        first = 0 if start_pos == 0 else start_pos + 1
+        stream = torch.cat([bos, tokens], 1) if start_pos == 0 else tokens
+        h = self.local(stream, cache.context, cache.cross_kv, cache.layers, first)
+        cache.n_tokens = start_pos + T
+        return h[:, -T:], rest
+
+
+def check_anchor(anchor, max_seq_len, chunk_size, spine_only=True):
+    """An injection anchor is a chunk index below max_seq_len // chunk_size and, when spine_only, on the spine."""
+    n_chunks = max_seq_len // chunk_size
+    if not isinstance(anchor, int) or not 0 <= anchor < n_chunks:
+        raise UsageError(f"injection anchor {anchor!r} is out of range: chunk indices run 0..{n_chunks - 1} "
+                         f"(max_seq_len={max_seq_len} // chunk_size={chunk_size})")
+    spine = spine_positions(n_chunks)
+    if spine_only and anchor not in spine:
+        raise UsageError(f"injection anchor {anchor} is not a spine position; use one of {spine}")
+
+
+class HierarchicalPredictiveLoss(nn.Module):
+    """v6 Giga's training objective, corrected (v6_v7.md section 8.1):
+    (CE_main + sum_k lambda_k CE_k) / (1 + sum_k lambda_k) + consistency * mean_k KL(sg(p_main[t+k-1]) || q_k[t]),
+    lambda_k = beta * gamma^(k-2) for offsets k = 2..H. The CE part is a weighted mean, so the objective starts near
+    ln V; the consistency term pulls offset k at t toward the main head's later prediction of the same token.
+    Targets of -1 are ignored everywhere; each offset's (B, T, V) logits are recomputed in the backward pass, so
+    no [B, T, H, V] tensor exists."""
+
+    def __init__(self, beta=0.3, gamma=0.8, consistency=0.1):
+        super().__init__()
+        self.beta, self.gamma, self.consistency = beta, gamma, consistency
+
+    @staticmethod
+    def _offset_terms(z, unembed, target, main_logp):
+        """CE of offset logits against target and KL(main || offset), summed over valid positions."""
+        logq = F.linear(z, unembed).float().log_softmax(-1)                           # (B, T, V)
+        valid = target >= 0
+        ce = F.nll_loss(logq.flatten(0, 1), target.reshape(-1), ignore_index=-1, reduction="sum")
+        p = main_logp.exp()
+        kl = ((p * (main_logp - logq)).sum(-1) * valid).sum()
+        return ce, kl
+
+    def forward(self, logits, targets, horizon_hidden, unembed):
+        aux = {"lm": lm_loss(logits, targets)}
+        if horizon_hidden is None:
+            return aux["lm"], aux
+        main_logp = logits.detach().float().log_softmax(-1)                           # (B, T, V), stop-grad
+        ce_sum, kl_sum, lam_sum = 0.0, 0.0, 0.0
+        n_off = horizon_hidden.size(2)
+        for j in range(n_off):
+            k = j + 2
+            target = horizon_targets(targets, k)
+            # main head at t+k-1 predicts the same token as offset k at t; pad the shifted rows (masked anyway)
+            shifted = F.pad(main_logp[:, k - 1:], (0, 0, 0, k - 1))
+            ce, kl = torch.utils.checkpoint.checkpoint(self._offset_terms, horizon_hidden[:, :, j], unembed,
+                                                       target, shifted, use_reentrant=False)
+            count = (target >= 0).sum().clamp_min(1)
+            lam = self.beta * self.gamma ** (k - 2)
+            ce_sum, kl_sum, lam_sum = ce_sum + lam * ce / count, kl_sum + kl / count, lam_sum + lam
+        aux["horizon"] = ce_sum / lam_sum
+        aux["consistency"] = kl_sum / n_off
+        loss = (aux["lm"] + ce_sum) / (1 + lam_sum) + self.consistency * aux["consistency"]
+        return loss, aux
+
+
+def acceptance_per_head(accepted_hist):
+    """speculative_decode's histogram (hist[n] = verification passes that accepted n drafts) -> the acceptance
+    rate of draft j (1-based) given that drafts 1..j-1 were accepted, for j = 1..len(hist)-1."""
+    rates = []
+    for j in range(1, len(accepted_hist)):
+        reached = sum(accepted_hist[j - 1:])
+        rates.append(sum(accepted_hist[j:]) / reached if reached else float("nan"))
+    return rates
+
+
+# -----------------------------------------------------------------------------
+# paged KV cache (HST v4.1 and v5; vLLM's PagedAttention, Kwon et al. 2023)
+#
+# Every cached layer owns a preallocated pool of fixed-size blocks, (n_blocks, block_size, n_heads, head_dim). One
+# allocator serves all layers: a physical block id names the same slot range in every layer's pool, so a sequence
+# has a single block table. Blocks are reference-counted: `fork` shares a prefix between sequences, and the first
+# write into a shared block copies it (copy-on-write). Attention reads K/V through the block table (a gather of the
+# sequence's blocks, cut at its length), so it sees exactly the keys a contiguous cache holds: same values, same
+# order, same query shapes, hence the same output. Bookkeeping (tables, free list, reference counts) lives on the
+# host as in vLLM; only the pools are tensors.
+
+class BlockAllocator:
+    """A free-block stack with reference counts. Nothing is ever evicted silently: an empty pool is an error."""
+
+    def __init__(self, n_blocks):
+        self.ref = [0] * n_blocks
+        self.free = list(range(n_blocks - 1, -1, -1))  # pop() hands out block 0 first
+
+    @property
+    def n_free(self):
+        return len(self.free)
+
+    def alloc(self):
+        if not self.free:
+            raise RuntimeError(f"the paged KV pool's {len(self.ref)} blocks are all in use; build the cache with "
+                               f"more blocks (kv_blocks) or free finished sequences")
+        block = self.free.pop()
+        self.ref[block] = 1
+        return block
+
+    def share(self, block):
+        self.ref[block] += 1
+
+    def release(self, block):
+        self.ref[block] -= 1
+        if self.ref[block] == 0:
+            self.free.append(block)
+
+
+class PagedLayer:
+    """One attention layer's view of a PagedKVCache, with KVCache's interface (`update`, `length`, `truncate`), so
+    CausalSelfAttention, GroupedCausalSelfAttention and fill_kv read and write through block tables unchanged."""
+
+    def __init__(self, cache, index):
+        self.cache, self.index = cache, index
+        self.lengths = [0] * cache.batch_size   # valid positions per sequence in this layer
+
+    @property
+    def length(self):
+        return max(self.lengths)
+
+    def truncate(self, n):
+        self.cache.truncate(n)
+
+    def update(self, start_pos, k, v):
+        """k, v (B, nh, T, hd) at positions start_pos.. of every sequence -> all keys and values so far,
+        (B, nh, start_pos + T, hd), read through the block tables."""
+        B, _, T, _ = k.shape
+        if any(start_pos > n for n in self.lengths):
+            raise RuntimeError(f"cache write at {start_pos} would leave a gap after {min(self.lengths)} valid positions")
+        self.write(k, v, [start_pos] * B, [T] * B)
+        return self.read([start_pos + T] * B)
+
+    def write(self, k, v, starts, n_new):
+        """Row b's first n_new[b] new keys and values (of k, v (B, nh, T, hd)) go to positions starts[b].."""
+        c = self.cache
+        slots, rows, cols = [], [], []
+        for b, (start, n) in enumerate(zip(starts, n_new)):
+            slots += c.slot_mapping(b, start, start + n)
+            rows += [b] * n
+            cols += range(n)
+            self.lengths[b] = start + n
+        slots = torch.tensor(slots, dtype=torch.long, device=k.device)
+        rows, cols = torch.tensor(rows, device=k.device), torch.tensor(cols, device=k.device)
+        flat = (-1,) + c.k_pool[self.index].shape[2:]                          # (n_blocks * block_size, nh, hd)
+        c.k_pool[self.index].view(flat)[slots] = k.transpose(1, 2)[rows, cols].to(c.k_pool[self.index].dtype)
+        c.v_pool[self.index].view(flat)[slots] = v.transpose(1, 2)[rows, cols].to(c.v_pool[self.index].dtype)
+
+    def read(self, lengths):
+        """(B, nh, max(lengths), hd) keys and values of every row; a row's entries past its length are stale."""
+        c = self.cache
+        L = max(lengths)
+        n_logical = -(-L // c.block_size)
+        table = torch.tensor([(t + [0] * n_logical)[:n_logical] for t in c.block_tables], dtype=torch.long,
+                             device=c.k_pool[self.index].device)                # (B, M) padded block tables
+        B = table.size(0)
+        k = c.k_pool[self.index][table].flatten(1, 2)[:, :L]                    # (B, M * bs, nh, hd) -> (B, L, nh, hd)
+        v = c.v_pool[self.index][table].flatten(1, 2)[:, :L]
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+
+class PagedKVCache(Cache):
+    """K/V of `n_layers` attention layers for `batch_size` sequences in pooled blocks of `block_size` tokens.
+
+    n_blocks defaults to enough for every sequence to reach max_len. Sequences may have different lengths
+    (`truncate` takes one length per row, `attend` writes and reads ragged rows). Variants subclass it to keep
+    recurrent state beside the block tables; `truncate` must roll that back too."""
+
+    def __init__(self, n_layers, batch_size, n_heads, head_dim, max_len, device, dtype, block_size=16, n_blocks=0):
+        self.batch_size, self.max_len, self.block_size = batch_size, max_len, block_size
+        n_blocks = n_blocks or batch_size * -(-max_len // block_size)
+        self.allocator = BlockAllocator(n_blocks)
+        shape = (n_blocks, block_size, n_heads, head_dim)
+        self.k_pool = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v_pool = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.block_tables = [[] for _ in range(batch_size)]   # logical block -> physical block, per sequence
+        super().__init__([PagedLayer(self, i) for i in range(n_layers)])
+
+    def slot_mapping(self, row, start, end):
+        """Flat pool slots of positions start..end-1 of sequence `row` (vLLM's slot_mapping), after allocating the
+        blocks they need and copying any shared block they write into (copy-on-write, all layers at once)."""
+        if end > self.max_len:
+            raise RuntimeError(f"cache holds {self.max_len} positions; writing up to {end} overflows it")
+        bs, table, pool = self.block_size, self.block_tables[row], self.allocator
+        for j in range(start // bs, -(-end // bs)):
+            if j == len(table):
+                table.append(pool.alloc())
+            elif pool.ref[table[j]] > 1:
+                fresh = pool.alloc()
+                for k_pool, v_pool in zip(self.k_pool, self.v_pool):
+                    k_pool[fresh], v_pool[fresh] = k_pool[table[j]], v_pool[table[j]]
+                pool.release(table[j])
+                table[j] = fresh
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def truncate(self, n):
+        """Keep the first n positions of every row (n an int, or one length per row) and free the blocks past them."""
+        lengths = [n] * self.batch_size if isinstance(n, int) else list(n)
+        for b, keep in enumerate(lengths):
+            for layer in self.layers:
+                layer.lengths[b] = min(layer.lengths[b], keep)
+            keep_blocks = -(-max(layer.lengths[b] for layer in self.layers) // self.block_size)
+            while len(self.block_tables[b]) > keep_blocks:
+                self.allocator.release(self.block_tables[b].pop())
+
+    def fork(self, src, dst):
+        """Sequence dst becomes a copy of sequence src that shares its blocks (parallel samples, beam search, a
+        shared prompt); either one's next write into a shared block copies that block first."""
+        self.free(dst)
+        self.block_tables[dst] = list(self.block_tables[src])
+        for block in self.block_tables[dst]:
+            self.allocator.share(block)
+        for layer in self.layers:
+            layer.lengths[dst] = layer.lengths[src]
+
+    def free(self, row):
+        self.truncate([0 if b == row else self.max_len for b in range(self.batch_size)])
+
+    def attend(self, layer, q, k, v, starts, n_new):
+        """Ragged attention through the block tables: row b's queries and new keys/values (B, nh, T, hd) sit at
+        positions starts[b].., of which the first n_new[b] are real (the rest is padding, not written). Query i of
+        row b reads keys j <= starts[b] + i. Returns (B, nh, T, hd); padded queries' outputs are meaningless."""
+        self.layers[layer].write(k, v, starts, n_new)
+        lengths = [s + n for s, n in zip(starts, n_new)]
+        keys, values = self.layers[layer].read(lengths)                        # (B, nh, L, hd)
+        q_pos = torch.tensor(starts, device=q.device)[:, None] + torch.arange(q.size(2), device=q.device)  # (B, T)
+        k_pos = torch.arange(keys.size(2), device=q.device)
+        mask = (k_pos[None, None] <= q_pos[..., None]) & (k_pos < torch.tensor(lengths, device=q.device)[:, None, None])
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+
+    def nbytes(self):
+        return sum(p.nelement() * p.element_size() for p in self.k_pool + self.v_pool)
+
+    def memory_stats(self):
+        """vLLM-style accounting of KV slots: allocated = blocks in use x block_size, used = tokens held; waste is
+        the share of allocated slots that hold no token (only the last, partly filled block of each sequence)."""
+        blocks = sum(1 for r in self.allocator.ref if r > 0)
+        allocated = blocks * self.block_size
+        used = sum(self.layers[0].lengths) if self.layers else 0
+        per_block = sum(p[0].nelement() * p.element_size() for p in self.k_pool + self.v_pool)
+        return dict(block_size=self.block_size, blocks_in_use=blocks, free_blocks=self.allocator.n_free,
+                    allocated_slots=allocated, used_slots=used, waste=1 - used / allocated if allocated else 0.0,
+                    bytes_in_use=blocks * per_block, pool_bytes=PagedKVCache.nbytes(self))  # K/V pools only
+
+
+def kv_memory_comparison(paged, contiguous):
+    """KV memory of the same sequences in a PagedKVCache and in a contiguous Cache of KVCaches (rows padded to
+    max_len), from the cache objects themselves: slots and bytes allocated and used, and the waste share."""
+    stats = paged.memory_stats()
+    used = stats["used_slots"]
+    kv = contiguous.layers[0]
+    slots = kv.k.size(0) * kv.max_len
+    return dict(paged=stats,
+                contiguous=dict(allocated_slots=slots, used_slots=used, waste=1 - used / slots,
+                                bytes_in_use=contiguous.nbytes(), pool_bytes=contiguous.nbytes()))
+
+
+@dataclass
+class InjectableSpineConfig(SpineConfig):
+    """Config fields of the InjectableSpineLM variants (v6, v7.1.2) on top of SpineConfig."""
+    chunk_size: int = 8               # chunk mode: tokens per chunk
+    n_local_layers: int = 2           # chunk mode: local decoder layers (n_layers is the global model)
+    cross_window: int = 4             # chunk mode: global outputs g_{c-w+1..c} the local decoder cross-attends to
+    n_inject_slots: int = 4           # chunk mode: memory slots per injected block
+    inject_train_prob: float = 0.5    # chunk mode training: share of rows that get an injection (0 = none)
+    inject_spine_only: bool = True    # injection anchors must be spine positions
+
+    def __post_init__(self):
+        super().__post_init__()
+        if min(self.chunk_size, self.n_local_layers, self.cross_window, self.n_inject_slots) < 1:
+            raise UsageError("chunk_size, n_local_layers, cross_window and n_inject_slots must be positive")
+        if not 0.0 <= self.inject_train_prob <= 1.0:
+            raise UsageError(f"inject_train_prob={self.inject_train_prob} must lie in [0, 1]")
+
+
+class InjectableSpineLM(LM):
+    """The body v6 and v7.1.2 share: token mode = SpineTrunk (adaptive bottom with per-token exit, lattice, top);
+    chunk mode = ChunkDecoderWithCache around a SpineTrunk over chunk slots, with context injection. A subclass
+    sets `self.horizon` (a module h (B, T, D) -> (B, T, H-1, D), or None) and `objective(out parts) -> (loss, aux)`
+    after calling `_build`. Injections: `with model.inject([(tokens, anchor), ...]): model.generate(...)`, or
+    `model(idx, injections=[(memory, anchor), ...])` with memory from `model.encode_injection(tokens)`."""
+
+    def _build(self, c):
+        n_top = c.n_layers - c.n_bottom_layers
+        self.wte = nn.Embedding(c.vocab_size, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        if c.mode == "token":
+            self.wpe = nn.Embedding(c.max_seq_len, c.d_model)
+            self.trunk = SpineTrunk(c.d_model, c.n_heads, c.n_bottom_layers, n_top, c.max_seq_len, c.bias, c.dropout)
+        else:
+            n_slots = c.max_seq_len // c.chunk_size + 1
+            trunk = SpineTrunk(c.d_model, c.n_heads, c.n_bottom_layers, n_top, n_slots, c.bias, c.dropout)
+            self.chunk = ChunkDecoderWithCache(trunk, c.d_model, c.n_heads, c.n_local_layers, c.chunk_size,
+                                               c.max_seq_len, c.cross_window, c.n_inject_slots, c.bias, c.dropout)
+        self.ln_f = LayerNorm(c.d_model, c.bias)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying; the horizon heads read it too
+        self._injections = None
+
+    def _init(self):
+        self.apply(init_weights)  # zero-initialised gates and heads are plain Parameters: init_weights skips them
+        for name, p in self.named_parameters():  # GPT-2's scaled residual projections
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * self.config.n_layers) ** 0.5)
+
+    def new_cache(self, batch_size, device=None, dtype=None):
+        p = next(self.parameters())
+        body = self.trunk if self.config.mode == "token" else self.chunk
+        return body.new_cache(batch_size, device or p.device, dtype or p.dtype)
+
+    # ---- context injection (chunk mode)
+    def encode_injection(self, tokens):
+        """tokens (L,) or (B, L) -> memory (B, n_inject_slots, D)."""
+        if self.config.mode != "chunk":
+            raise UsageError("context injection needs mode='chunk' (it anchors at chunk indices)")
+        tokens = tokens[None] if tokens.dim() == 1 else tokens
+        return self.chunk.encode_injection(self.wte, tokens)
+
+    def _stack_injections(self, injections):
+        """[(memory (m, D) | (B, m, D), anchor), ...] -> (memory (B|1, S, D), anchors (S,)) after checking anchors."""
+        c = self.config
+        memories, anchors = [], []
+        for memory, anchor in injections:
+            check_anchor(anchor, c.max_seq_len, c.chunk_size, c.inject_spine_only)
+            memory = memory[None] if memory.dim() == 2 else memory
+            memories.append(memory)
+            anchors.append(torch.full((memory.size(1),), anchor, dtype=torch.long, device=memory.device))
+        return torch.cat(memories, 1), torch.cat(anchors)
+
+    @contextlib.contextmanager
+    def inject(self, blocks):
+        """Within the block every forward (and so generate, cached, uncached or speculative) sees the injected
+        context: blocks = [(tokens (L,), anchor), ...], anchors being chunk indices on the spine."""
+        with torch.no_grad():
+            memories = [(self.encode_injection(tokens), anchor) for tokens, anchor in blocks]
+            stacked = self._stack_injections(memories)
+        previous, self._injections = self._injections, stacked
+        try:
+            yield self
+        finally:
+            self._injections = previous
+
+    def _training_injection(self, idx):
+        """Injection from the same document (v6_v7.md 8.4): the window's first `anchor` chunks, encoded as a block
+        and injected at the largest spine anchor <= half the window's chunks, for a random half of the rows
+        (injection dropout); the other rows get an anchor past the last slot, so they see nothing. Tokens before
+        the anchor's chunk are in every later chunk's causal past already, so the model cannot copy the future."""
+        c = self.config
+        B, T = idx.shape
+        spine = [s for s in spine_positions(T // c.chunk_size // 2 + 1) if s >= 1]
+        if not spine or c.inject_train_prob <= 0:
+            return None
+        anchor = spine[-1]
+        memory = self.chunk.encode_injection(self.wte, idx[:, :anchor * c.chunk_size])   # (B, m, D)
+        keep = torch.rand(B, 1, device=idx.device) < c.inject_train_prob
+        anchors = torch.where(keep, anchor, self.chunk.n_slots).expand(B, memory.size(1))  # (B, m)
+        return memory, anchors
+
+    def forward(self, idx, targets=None, cache=None, start_pos=0, injections=None):
+        c = self.config
+        B, T = idx.shape
+        if start_pos + T > c.max_seq_len:
+            raise UsageError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len="
+                             f"{c.max_seq_len}; crop the input or build with a longer max_seq_len")
+        if c.mode == "token":
+            if injections:
+                raise UsageError("context injection needs mode='chunk' (it anchors at chunk indices)")
+            pos = torch.arange(start_pos, start_pos + T, device=idx.device)
+            x = self.drop(self.wte(idx) + self.wpe(pos))                              # (B, T, D)
+            h, exit_loss, exit_depth = self.trunk(x, cache, start_pos, c.exit_threshold)
+        else:
+            inj = self._stack_injections(injections) if injections else self._injections
+            if inj is None and self.training and targets is not None:
+                inj = self._training_injection(idx)
+            h, rest = self.chunk(idx, lambda ids: self.drop(self.wte(ids)), cache, start_pos, inj,
+                                 exit_threshold=c.exit_threshold)                     # (B, T, D)
+            exit_loss, exit_depth = None if rest is None else rest[0], None
+        h = self.ln_f(h)
+        logits = self.lm_head(h)                                                      # (B, T, V)
+        horizon_hidden = None if self.horizon is None else self.horizon(h)            # (B, T, H-1, D)
+        loss = aux = None
+        if targets is not None:
+            loss, aux = self.objective(logits, targets, horizon_hidden)
+            if exit_loss is not None:
+                aux["exit"] = exit_loss
+                loss = loss + EXIT_LOSS_WEIGHT * exit_loss
+        return Output(logits=logits, loss=loss, hidden=h, aux=aux, horizon_hidden=horizon_hidden,
+                      exit_depth=exit_depth)
+
+    def draft(self, seq, k, prev_out, prev_index):
+        return horizon_draft(seq, k, prev_out, prev_index, self.wte.weight)
+
+    def speculative_stats(self, idx, max_new_tokens, temperature=0.0, draft_len=4, **kw):
+        """Speculative generation with its statistics: tokens per model call, acceptance per draft head, and the
+        wall-clock speed-up over plain cached generation of the same length (which it also runs)."""
+        stats = {}
+        out = self.generate(idx, max_new_tokens, temperature=temperature, speculative=True, draft_len=draft_len,
+                            stats=stats, **kw)
+        t0 = time.perf_counter()
+        self.generate(idx, max_new_tokens, temperature=temperature, **kw)
+        plain = time.perf_counter() - t0
+        stats["tokens_per_call"] = stats["new_tokens"] / max(1, stats["model_calls"])
+        stats["acceptance_per_head"] = acceptance_per_head(stats["accepted_hist"])[:max(0, self.config.horizon - 1)]
+        stats["plain_seconds"] = plain
+        stats["speedup"] = plain / max(stats["seconds"], 1e-9)
+        return out, stats
+
+
+def spine_lm_flops(model):
+    """Analytic training FLOPs per token (3x the forward matmul FLOPs) of an InjectableSpineLM at T = max_seq_len:
+    per block 24 D^2 (qkv, proj, 4x MLP) + 4 D x keys read; exit heads 2 D; the lattice 2 x its weights x
+    ancestors for each spine row, amortised over the axis; the tied unembedding 2 D V per offset plus each horizon
+    weight once; chunk mode adds the chunk encoder (2 D^2 per token), the local decoder (+ cross-attention
+    4 D^2, its K/V 4 D^2 per slot, 4 D per window key), and the global trunk divided by chunk_size; training
+    injection adds its share of rows times the block encoding and the gated cross-attention."""
+    c = model.config
+    D, V, T = c.d_model, c.vocab_size, c.max_seq_len
+
+    def trunk(tr, n_axis):
+        n = len(tr.bottom) + len(tr.top)
+        f = n * (24 * D * D + 4 * n_axis * D) + 2 * D * len(tr.exit_heads)
+        if tr.lattice is not None:
+            lat = tr.lattice
+            rows = len(lat.spine) - 3
+            f += 2 * sum(p.numel() for p in lat.parameters()) * lat.n_ancestors * rows / n_axis
+        return f
+
+    horizon = 0 if model.horizon is None else c.horizon - 1
+    heads = 2 * D * V * (1 + horizon) + (0 if model.horizon is None else
+                                        2 * sum(p.numel() for p in model.horizon.parameters()))
+    if c.mode == "token":
+        return 3 * (trunk(model.trunk, T) + heads)
+    C, L, w = c.chunk_size, c.n_local_layers, c.cross_window
+    n_slots = T // C + 1
+    local = 2 * D * D + L * (2 * 14 * D * D + 4 * C * D + 4 * w * D + 4 * D * D / C)
+    fwd = trunk(model.chunk.global_model, n_slots) / C + 2 * D * D + local + heads
+    if c.inject_train_prob > 0:
+        spine = [s for s in spine_positions(T // C // 2 + 1) if s >= 1]
+        if spine:
+            block = spine[-1] * C / T                   # block tokens per window token
+            fwd += c.inject_train_prob * (block * 2 * D * D + 8 * D * D / C)
+    return 3 * fwd
+
+
+def spine_lm_selftest(module, name, V=512):
+    """`python model_X.py` for InjectableSpineLM variants: both modes: shapes, loss ~ ln V at init, overfit one
+    batch, greedy cached == uncached == speculative, speculative statistics, and (chunk mode) an injection that
+    leaves predictions before its anchor unchanged."""
+    def build(**kw):  # the module itself: the self-test runs before (and without) registration
+        return module.Model(make_config(module.Config, kw))
+
+    for mode in ("token", "chunk"):
+        torch.manual_seed(0)
+        model = build(mode=mode, vocab_size=V, d_model=64, n_layers=4, n_heads=4, max_seq_len=64)
+        print(f"{name} {mode} self-test: {model.num_params():,} parameters at d_model=64, n_layers=4")
+        idx = torch.randint(0, V, (2, 30))  # 29 inputs: not a multiple of chunk_size
+        x, y = idx[:, :-1], idx[:, 1:]
+        out = model(x, targets=y)
+        assert out.logits.shape == (2, 29, V) and out.horizon_hidden.shape == (2, 29, model.config.horizon - 1, 64)
+        print(f"  loss at init {out.loss.item():.3f} (ln V = {math.log(V):.3f}); parts "
+              + ", ".join(f"{k} {v.item():.3f}" for k, v in out.aux.items()))
+        assert abs(out.loss.item() - math.log(V)) < 0.5
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for step in range(80):
+            loss = model(x, targets=y).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        print(f"  loss after 80 steps on one batch {loss.item():.3f}")
+        assert loss.item() < 0.8, "the model failed to overfit one batch"
+        model.eval()
+        prompt = idx[:1, :11]
+        cached = model.generate(prompt, 24, temperature=0)
+        uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
+        speculative, stats = model.speculative_stats(prompt, 24)
+        assert torch.equal(cached, uncached) and torch.equal(cached, speculative)
+        print(f"  greedy cached == uncached == speculative: ok ({stats['tokens_per_call']:.2f} tokens per model "
+              f"call, acceptance per head " + ", ".join(f"{a:.2f}" for a in stats["acceptance_per_head"])
+              + f", speed-up {stats['speedup']:.2f}x)")
+        if mode == "chunk":
+            C = model.config.chunk_size
+            anchor = 2
+            with torch.no_grad():  # an untrained gate is exactly zero: open it to show the anchor mask at work
+                model.chunk.inject_gate.fill_(0.5)
+            with model.inject([(idx[1], anchor)]):
+                injected = model(x).logits
+            plain = model(x).logits
+            assert torch.equal(injected[:, :anchor * C - 1], plain[:, :anchor * C - 1])
+            print(f"  injection at chunk {anchor}: predictions before it unchanged, after it max change "
+                  f"{(injected - plain).abs().max().item():.2e} (gate tanh({model.chunk.inject_gate.item():.3f}))")
+    for mode in ("token", "chunk"):
+        print(f"default config, {mode} mode: {build(mode=mode).num_params():,} parameters")
+    print(f"gpt at the same size: {build_model('gpt').num_params():,} parameters")
 
 
 # -----------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 Generate text from a trained checkpoint.
 $ python sample.py --ckpt out/ --prompt "To be, or not" --max_new_tokens 200
 $ python sample.py --ckpt=out/ --prompt FILE:prompt.txt --temperature 0 --speculative
+$ python sample.py --ckpt=out/ --inject=chapter.txt@4,notes.txt@12   # chunk mode (v6, v7_1_2): context injection
 Generated text goes to stdout as it is produced; counts and speed go to stderr, so the text can be piped.
 """
 
 import codecs
+import contextlib
 import sys
 import time
 
@@ -24,6 +26,7 @@ seed = 1337
 use_cache = True
 speculative = False       # draft-and-verify decoding; lossless (exactly greedy's tokens at temperature 0)
 draft_len = 4
+inject = ""               # chunk-mode context injection: FILE@ANCHOR[,FILE@ANCHOR...], anchors are spine chunk indices
 device = "auto"
 
 
@@ -54,10 +57,33 @@ def main():
         raise core.UsageError(f"the prompt has {len(ids)} tokens but the model's context is {L}: "
                               f"shorten the prompt to at most {L} tokens")
     idx = torch.tensor([ids], dtype=torch.long, device=dev)
+    injecting = contextlib.nullcontext()
+    if inject:
+        if not hasattr(model, "inject"):
+            raise core.UsageError(f"--inject needs a model with context injection (v6, v7_1_2 in chunk mode), "
+                                  f"not {state['model_name']}")
+        blocks = []
+        for item in inject.split(","):
+            path, sep, anchor = item.strip().rpartition("@")
+            if not sep or not path or not anchor.strip().lstrip("-").isdigit():
+                raise core.UsageError(f"--inject item {item!r} should be FILE@ANCHOR, ANCHOR a chunk index")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    block = enc.encode(f.read(), allowed_special={"<|endoftext|>"}) or [core.EOT_TOKEN]
+            except OSError as e:
+                raise core.UsageError(f"cannot read the injection file {path!r}: {e.strerror}") from None
+            blocks.append((torch.tensor(block, dtype=torch.long, device=dev), int(anchor)))
+        injecting = model.inject(blocks)  # checks every anchor (spine, range) before anything is generated
+        print(f"injecting {len(blocks)} block(s) at chunk(s) {', '.join(str(a) for _, a in blocks)}", file=sys.stderr)
     generator = torch.Generator(device=dev).manual_seed(seed)
     print(f"{state['model_name']} ({model.config.mode}), {model.num_params():,} parameters, step "
           f"{state.get('iter_num', '?')} | prompt {len(ids)} tokens", file=sys.stderr)
 
+    with injecting:
+        run_samples(model, idx, text, enc, generator)
+
+
+def run_samples(model, idx, text, enc, generator):
     for i in range(num_samples):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         sys.stdout.write(text)
@@ -82,6 +108,14 @@ def main():
             hist = stats["accepted_hist"]
             line += (f" | speculative: {max_new_tokens / calls:.2f} tokens per model call, mean accepted drafts "
                      f"{sum(n * c for n, c in enumerate(hist)) / max(1, sum(hist)):.2f} of {draft_len}")
+            # drafts past the model's horizon offsets are never proposed: report the heads that exist
+            rates = core.acceptance_per_head(hist)[:getattr(model.config, "horizon", len(hist)) - 1]
+            line += ", acceptance per draft " + " ".join(f"{r:.2f}" for r in rates if r == r)
+            # the speed-up is measured, not estimated: the same generation once more without speculation
+            t0 = time.perf_counter()
+            model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                           top_p=top_p if top_p < 1 else None, use_cache=use_cache, generator=generator)
+            line += f", speed-up {(time.perf_counter() - t0) / dt:.2f}x over plain cached decoding"
         print(line, file=sys.stderr)
 
 

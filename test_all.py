@@ -4,6 +4,7 @@ The invariant tests (DESIGN.md section 2) are parametrized over every (model, mo
 variant is held to them the moment it is registered.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import core
+import model_v4_1
+import model_v5
 import prepare_data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -175,6 +178,22 @@ def test_training_forward_traces_without_graph_breaks(name, mode):
     x = torch.randint(0, TINY["vocab_size"], (2, TINY["max_seq_len"] + 1))
     explanation = torch._dynamo.explain(model)(x[:, :-1], targets=x[:, 1:])
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_counted_flops_of_the_gpt_control_equal_the_palm_formula():
+    model = tiny_model("gpt", "token")
+    c = model.config
+    formula = 6 * model.num_params(non_embedding=True) + 12 * c.n_layers * c.d_model * c.max_seq_len
+    assert model.flops_per_token() == pytest.approx(formula, rel=0.01)
+
+
+@pytest.mark.parametrize("name,mode", MODEL_MODES, ids=IDS)
+def test_counted_flops_cover_more_than_the_parameters_and_leave_the_rng_alone(name, mode):
+    model = tiny_model(name, mode)
+    state = torch.get_rng_state()
+    flops = model.flops_per_token()
+    assert torch.equal(state, torch.get_rng_state())
+    assert flops > 2 * model.num_params(non_embedding=True)  # at least one multiply-add per weight, forward only
 
 
 @pytest.mark.parametrize("name,mode", MODEL_MODES, ids=IDS)
@@ -662,6 +681,612 @@ def test_models_without_lattice_rows_or_horizon_heads_build_no_such_parameters()
     assert set(out.aux) == {"lm", "exit"}
 
 # -----------------------------------------------------------------------------
+# v4.1 and v5 (shared/spec/variants/v4_1_v5.md D.7): paged KV cache, hyper-lattice, router, predictive field
+
+def attention_pair(seed=0, d_model=32, n_heads=2):
+    torch.manual_seed(seed)
+    return core.CausalSelfAttention(d_model, n_heads).eval()
+
+
+# -----------------------------------------------------------------------------
+# paged KV cache
+
+@torch.no_grad()
+def test_paged_attention_equals_the_contiguous_cache_across_block_boundaries():
+    attn = attention_pair()
+    x = torch.randn(3, 40, 32, generator=torch.Generator().manual_seed(1))
+    contiguous = attn.new_kv_cache(3, 48, "cpu", torch.float32)
+    paged = core.PagedKVCache(1, 3, 2, 16, 48, "cpu", torch.float32, block_size=4)
+    for a, b in ((0, 5), (5, 8), (8, 9), (9, 17), (17, 40)):  # pieces ending inside, on and across block edges
+        want = attn(x[:, a:b], contiguous, a)
+        got = attn(x[:, a:b], paged.layers[0], a)
+        assert max_diff(got, want) <= 1e-6, (a, b)
+    assert len(paged.block_tables[0]) == 10
+
+
+@torch.no_grad()
+def test_paged_ragged_batch_attention_equals_each_row_alone():
+    lens = [3, 7, 12, 17]
+    B, T, nh, hd = len(lens), max(lens), 2, 8
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(B, nh, T + 1, hd, generator=g) for _ in range(3))
+    paged = core.PagedKVCache(1, B, nh, hd, 32, "cpu", torch.float32, block_size=4)
+    prefill = paged.attend(0, q[:, :, :T], k[:, :, :T], v[:, :, :T], [0] * B, lens)
+    # one decode step per row, each at its own position: row b's token lens[b] (stored at index T here)
+    step = paged.attend(0, q[:, :, T:], k[:, :, T:], v[:, :, T:], lens, [1] * B)
+    for b, n in enumerate(lens):
+        keys = torch.cat([k[b:b + 1, :, :n], k[b:b + 1, :, T:]], 2)
+        values = torch.cat([v[b:b + 1, :, :n], v[b:b + 1, :, T:]], 2)
+        alone = F.scaled_dot_product_attention(q[b:b + 1, :, :n], keys[:, :, :n], values[:, :, :n], is_causal=True)
+        assert max_diff(prefill[b:b + 1, :, :n], alone) <= 1e-6
+        last = F.scaled_dot_product_attention(q[b:b + 1, :, T:], keys, values)
+        assert max_diff(step[b:b + 1], last) <= 1e-6
+        assert len(paged.block_tables[b]) == math.ceil((n + 1) / 4)
+
+
+@torch.no_grad()
+def test_fork_shares_blocks_and_a_write_copies_the_shared_block_leaving_the_parent_unchanged():
+    attn = attention_pair()
+    x = torch.randn(2, 14, 32, generator=torch.Generator().manual_seed(3))
+    paged = core.PagedKVCache(1, 2, 2, 16, 32, "cpu", torch.float32, block_size=4)
+    layer = paged.layers[0]
+    layer.write(*_kv(attn, x[:1, :10]), [0], [10])                                  # row 0: 10 tokens
+    before = [t.clone() for t in layer.read([10, 0])]
+    paged.fork(0, 1)
+    assert paged.block_tables[1] == paged.block_tables[0]
+    assert all(paged.allocator.ref[b] == 2 for b in paged.block_tables[0])
+    k, v = _kv(attn, x[1:2, 10:14])
+    layer.write(k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), [0, 10], [0, 4])   # row 1 appends 4 tokens
+    assert paged.block_tables[1][:2] == paged.block_tables[0][:2]                    # full blocks stay shared
+    assert paged.block_tables[1][2] != paged.block_tables[0][2]                      # the partial one was copied
+    after = layer.read([10, 0])
+    assert torch.equal(after[0][:1], before[0][:1]) and torch.equal(after[1][:1], before[1][:1])
+    child = layer.read([10, 14])
+    assert torch.equal(child[0][1, :, :10], before[0][0]) and torch.equal(child[0][1, :, 10:], k[0])
+
+
+def _kv(attn, x):
+    B, T, C = x.shape
+    _, k, v = attn.qkv(x).split(C, 2)
+    return (t.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2) for t in (k, v))
+
+
+def test_block_count_is_ceil_len_over_block_size_and_freeing_everything_empties_the_pool():
+    paged = core.PagedKVCache(2, 3, 2, 8, 64, "cpu", torch.float32, block_size=16)
+    lens = [1, 16, 17]
+    for i, layer in enumerate(paged.layers):
+        k = torch.randn(3, 2, 17, 8)
+        layer.write(k, k, [0] * 3, lens)
+    assert [len(t) for t in paged.block_tables] == [math.ceil(n / 16) for n in lens]
+    stats = paged.memory_stats()
+    assert stats["allocated_slots"] == 16 * 4 and stats["used_slots"] == 34
+    paged.fork(2, 0)
+    for b in range(3):
+        paged.free(b)
+    assert paged.allocator.n_free == len(paged.allocator.ref) and paged.memory_stats()["blocks_in_use"] == 0
+
+
+def test_truncation_releases_the_blocks_past_the_kept_length():
+    paged = core.PagedKVCache(1, 1, 2, 8, 64, "cpu", torch.float32, block_size=16)
+    k = torch.randn(1, 2, 40, 8)
+    paged.layers[0].update(0, k, k)
+    assert len(paged.block_tables[0]) == 3
+    paged.truncate(16)
+    assert len(paged.block_tables[0]) == 1 and paged.length == 16 and paged.allocator.n_free == 3
+
+
+def test_an_exhausted_pool_is_an_error_not_an_eviction():
+    paged = core.PagedKVCache(1, 2, 2, 8, 64, "cpu", torch.float32, block_size=16, n_blocks=2)
+    k = torch.randn(2, 2, 17, 8)
+    with pytest.raises(RuntimeError, match="blocks are all in use"):
+        paged.layers[0].update(0, k, k)
+
+
+@torch.no_grad()
+def test_v4_1_and_v5_generation_attends_through_the_paged_cache():
+    for name, mode in (("v4_1", "token"), ("v5", "token"), ("v5", "chunk")):
+        model = build(name, mode, block_size=4).eval()
+        cache = model.new_cache(2)
+        paged = cache if mode == "token" else cache.global_cache
+        assert isinstance(paged, core.PagedKVCache)
+        model(tokens((2, 21), 4), cache=cache)
+        assert all(len(t) == math.ceil(paged.length / 4) for t in paged.block_tables)
+
+
+@torch.no_grad()
+def test_v4_1_ragged_batch_kv_memory_paged_against_contiguous():
+    """The issue's measurement: 8 prompts of different lengths; paged holds ceil(len/16) blocks per row."""
+    model = build("v4_1", max_seq_len=256, d_model=32, n_layers=2, n_heads=2).eval()
+    lens = [7, 19, 33, 50, 64, 90, 128, 200]
+    report = model_v4_1.ragged_kv_memory(model, lens)
+    paged, contiguous = report["paged"], report["contiguous"]
+    assert paged["blocks_in_use"] == sum(math.ceil(n / 16) for n in lens)
+    assert paged["used_slots"] == contiguous["used_slots"] == sum(lens)
+    assert contiguous["allocated_slots"] == 8 * 256
+    assert paged["waste"] < 16 * len(lens) / sum(lens)         # at most one partial block per row
+    assert paged["bytes_in_use"] < report["contiguous_padded_to_longest"]["bytes_in_use"] < contiguous["bytes_in_use"]
+    print(report)
+
+
+# -----------------------------------------------------------------------------
+# v4.1 hyper-lattice
+
+def test_v4_1_lattice_weights_and_routing_receive_gradients_after_one_backward():
+    model = build("v4_1").train()
+    x = tokens((2, 49), 5)
+    model(x[:, :-1], targets=x[:, 1:]).loss.backward()
+    assert model.lattice.offset_logits.grad.abs().max() > 0
+    assert model.lattice.route_weight.grad.abs().max() > 0
+
+
+@torch.no_grad()
+def test_v4_1_routing_sums_to_one_per_token_and_is_zero_before_the_sequence_start():
+    model = train(build("v4_1", lattice_window=12), steps=3)
+    x = torch.randn(2, 30, SMALL["d_model"])
+    a = model.lattice.routing(x)
+    assert max_diff(a.sum(-1), torch.ones(2, 30)) <= 1e-6
+    t = torch.arange(30)[:, None]
+    assert torch.all(a.masked_select((torch.arange(12) > t).expand(2, -1, -1)) == 0)
+    assert model.lattice.route_weight.abs().max() > 0  # content routing is live, not only the static weights
+
+
+@torch.no_grad()
+def test_v4_1_lattice_output_at_t_is_exactly_invariant_to_later_inputs():
+    model = train(build("v4_1", lattice_window=8), steps=3)
+    x = torch.randn(1, 30, SMALL["d_model"], generator=torch.Generator().manual_seed(6))
+    ref = model.lattice(x)
+    for t in (0, 7, 8, 20):
+        y = x.clone()
+        y[:, t + 1:] += 1.0
+        assert torch.equal(model.lattice(y)[:, :t + 1], ref[:, :t + 1])
+
+
+@torch.no_grad()
+def test_v4_1_cached_decoding_with_small_blocks_and_window_equals_the_full_forward():
+    model = train(build("v4_1", lattice_window=5, block_size=4), steps=3)
+    idx = tokens((2, 48), 7)
+    full = model(idx).logits
+    for cuts in ([3, 4, 9, 16, 30], list(range(1, 48))):
+        outs, cache = decode_in_pieces(model, idx, cuts)
+        assert max_diff(cat(outs, "logits"), full) <= 1e-4
+
+
+def test_v4_1_flops_per_token_is_the_hand_count():
+    model = core.build_model("v4_1", vocab_size=100, d_model=8, n_layers=2, n_heads=2, max_seq_len=10,
+                             lattice_window=4, horizon=3)
+    blocks = 2 * (2 * 12 * 64 + 4 * 10 * 8)                 # 1536 + 320 per layer
+    lattice = 2 * (7 * 64 + 4 * 8) + 2 * 10 * 8             # 960 + 160
+    heads = 2 * 8 * 100 + 2 * (2 * 64 + 2 * 8 * 100)        # main 1600, two offsets 3456
+    assert model.flops_per_token() == 3 * (blocks + lattice + heads) == 3 * (3712 + 1120 + 5056)
+
+
+# -----------------------------------------------------------------------------
+# v5
+
+@torch.no_grad()
+def test_v5_router_gates_at_t_ignore_later_tokens_and_other_samples():
+    model = train(build("v5"), steps=3)
+    processor = model.trunk.processor
+    x = torch.randn(3, 40, SMALL["d_model"], generator=torch.Generator().manual_seed(8))
+    g = processor.gates(x)
+    for t in (0, 13, 38):
+        y = x.clone()
+        y[:, t + 1:] += 1.0
+        assert torch.equal(processor.gates(y)[:, :t + 1], g[:, :t + 1])
+    assert max_diff(processor.gates(x[:1]), g[:1]) <= 1e-6
+    assert g.std() > 0  # the gates vary per position: routing is per token, not one decision per batch
+
+
+def test_v5_predictive_field_is_the_template_times_sigmoid_lambda_and_lambda_trains():
+    model = build("v5", n_lattice_layers=4).train()
+    field = model.field
+    assert torch.equal(field.field(), field.templates * torch.sigmoid(field.layer_weights))
+    assert (field.field().sum(-1) > 0).all()
+    far, medium, near = field.templates
+    assert far.argmax() < medium.argmax() < near.argmax()  # far targets read shallow layers, near ones deep
+    x = tokens((2, 49), 9)
+    model(x[:, :-1], targets=x[:, 1:]).loss.backward()
+    assert field.layer_weights.grad.abs().max() > 0
+
+
+def test_v5_multiscale_plan_covers_every_offset_with_the_nearest_coarser_anchors():
+    plan = model_v5.multiscale_plan(8)
+    assert [[j for j, *_ in level] for level in plan] == [[4, 8], [2, 6], [1, 3, 5, 7]]
+    anchors = {j: (a, b, alpha) for level in plan[1:] for j, a, b, alpha in level}
+    assert anchors == {2: (0, 4, 0.5), 6: (4, 8, 0.5), 1: (0, 2, 0.5), 3: (2, 4, 0.5), 5: (4, 6, 0.5),
+                       7: (6, 8, 0.5)}
+    for Hz in (1, 2, 3, 5, 12):
+        offsets = sorted(j for level in model_v5.multiscale_plan(Hz) for j, *_ in level)
+        assert offsets == list(range(1, Hz + 1))
+        assert all(0 <= alpha <= 1 for level in model_v5.multiscale_plan(Hz) for *_, alpha in level)
+
+
+def test_v5_interpolation_returns_alpha_between_anchors_zero_and_one():
+    alpha = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.equal(model_v5.interpolate_anchors(torch.zeros(4), torch.ones(4), alpha), alpha)
+
+
+@pytest.mark.parametrize("name,mode", [("v4_1", "token"), ("v5", "token"), ("v5", "chunk")])
+@torch.no_grad()
+def test_no_two_horizon_offsets_give_identical_outputs_after_a_few_steps(name, mode):
+    model = train(build(name, mode), steps=3)
+    out = model(tokens((2, 48), 10))
+    hidden = out.horizon_hidden                                              # (B, T, H-1, D), before the unembedding
+    n = hidden.size(2)
+    assert min(max_diff(hidden[:, :, i], hidden[:, :, j]) for i in range(n) for j in range(i + 1, n)) > 1e-3
+    assert min(max_diff(hidden[:, :, i], out.hidden) for i in range(n)) > 1e-3   # nor the main head's state
+
+
+def v5_confidences(model, idx):
+    trunk = model.trunk.bottom if model.config.mode == "token" else model.chunk.global_model.bottom
+    seen = []
+    handle = trunk.exit_heads[0].register_forward_hook(lambda m, i, out: seen.append(torch.sigmoid(out)))
+    threshold, model.config.exit_threshold = model.config.exit_threshold, 2.0
+    try:
+        model(idx)
+    finally:
+        handle.remove()
+        model.config.exit_threshold = threshold
+    c = seen[0].flatten().sort().values
+    i = max(range(c.numel() // 4 + 1, 3 * c.numel() // 4 + 1), key=lambda i: c[i] - c[i - 1])
+    return ((c[i - 1] + c[i]) / 2).item()
+
+
+@pytest.mark.parametrize("mode", ["token", "chunk"])
+@torch.no_grad()
+def test_v5_exit_threshold_above_one_is_exactly_the_dense_model(mode):
+    model = train(build("v5", mode, n_layers=4, n_bottom_layers=3), steps=3)
+    idx = tokens((2, 40), 11)
+    model.config.exit_threshold = 1.01
+    eval_logits = model(idx).logits
+    dense = model.train()(idx).logits
+    assert torch.equal(eval_logits, dense)
+    model.eval().config.exit_threshold = v5_confidences(model, idx)
+    assert max_diff(model(idx).logits, dense) > 1e-4
+
+
+@torch.no_grad()
+def test_v5_cached_decoding_with_exits_equals_the_full_pass_and_fills_every_layer():
+    model = train(build("v5", n_layers=4, n_bottom_layers=3, block_size=4), steps=3)
+    idx = tokens((2, 48), 12)
+    model.config.exit_threshold = v5_confidences(model, idx)
+    full = model(idx)
+    assert (full.exit_depth < 3).any() and (full.exit_depth == 3).any()
+    outs, cache = decode_in_pieces(model, idx, list(range(5, 48)))
+    assert torch.equal(cat(outs, "exit_depth"), full.exit_depth)
+    assert max_diff(cat(outs, "logits"), full.logits) <= 1e-4
+    assert all(layer.lengths == [48, 48] for layer in cache.layers), "a skipped layer left a hole in its cache"
+
+
+@pytest.mark.parametrize("name", ["v4_1", "v5"])
+def test_v4_1_and_v5_horizon_drafts_get_accepted_and_speculative_greedy_equals_greedy(name, monkeypatch):
+    pattern = torch.tensor([3, 17, 42, 8, 25, 61, 12])
+    batch = torch.stack([pattern.roll(-s).repeat(8)[:49] for s in range(7)])
+    model = train(build(name), steps=60, batch=batch)
+    monkeypatch.setattr(core, "prompt_lookup_draft", lambda seq, k: (seq.new_empty(0), None))
+    stats = {}
+    for prompt_len, draft_len, new in ((2, 3, 20), (9, 1, 15), (20, 4, 25)):
+        prompt = batch[prompt_len % 7:prompt_len % 7 + 1, :prompt_len]
+        plain = model.generate(prompt, new, temperature=0)
+        spec = model.generate(prompt, new, temperature=0, speculative=True, draft_len=draft_len, stats=stats)
+        assert torch.equal(plain, spec), (prompt_len, draft_len)
+    assert sum(n * count for n, count in enumerate(stats["accepted_hist"])) >= 20
+
+
+def test_v5_flops_per_token_is_the_hand_count():
+    model = core.build_model("v5", vocab_size=100, d_model=8, n_layers=2, n_heads=2, max_seq_len=10, horizon=3,
+                             n_bottom_layers=2, n_lattice_layers=2, router_hidden=4)
+    block = 2 * 12 * 64 + 4 * 10 * 8                          # 1856
+    trunk = 4 * block + 1 * 2 * 8 + 2 * (8 * 4 + 4 * 2)        # 4 blocks, one exit head, router
+    field = 3 * (2 * 64 + 2 * 2 * 8)
+    predictor = 2 * 2 * (64 + 64)                             # plan for Hz=2: coarse {1, 2}, nothing finer
+    heads = 2 * 8 * 100 + 2 * 2 * 8 * 100 + predictor
+    assert model.flops_per_token() == 3 * (trunk + field + heads)
+
+# -----------------------------------------------------------------------------
+# v6 and v7.1.2 (shared/spec/variants/v6_v7.md section 9): chunk decoder with cross-attention, injection,
+# speculative decoding, hierarchical predictive loss
+
+V6_V7 = [("v6", "token"), ("v6", "chunk"), ("v7_1_2", "token"), ("v7_1_2", "chunk")]
+CHUNKED = ["v6", "v7_1_2"]
+
+
+def tiny(name, mode, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return core.build_model(name, mode=mode, **{**TINY, **overrides}).eval()
+
+
+def fit(model, steps, data, lr=1e-2, batch=8):
+    """AdamW steps on windows drawn from `data` (a function (generator, batch, T+1) -> tokens)."""
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        x = data(g, batch, model.config.max_seq_len + 1)
+        loss = model(x[:, :-1], targets=x[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def uniform(V):
+    return lambda g, B, T: torch.randint(0, V, (B, T), generator=g)
+
+
+def counting(V):
+    """x_{t+1} = x_t + 1 mod V: every future token is determined by the current one."""
+    return lambda g, B, T: (torch.randint(0, V, (B, 1), generator=g) + torch.arange(T)) % V
+
+
+def open_gate(model, value=0.7):
+    with torch.no_grad():
+        model.chunk.inject_gate.fill_(value)
+    return model
+
+
+@pytest.mark.parametrize("name,mode", V6_V7)
+def test_training_on_uniform_random_tokens_never_gets_held_out_loss_below_ln_V(name, mode):
+    model = fit(tiny(name, mode), 40, uniform(96), lr=3e-3)
+    held_out = torch.randint(0, 96, (8, 49), generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        loss = core.lm_loss(model(held_out[:, :-1]).logits, held_out[:, 1:]).item()
+    assert loss >= math.log(96) - 0.05
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+def test_streaming_chunk_generation_equals_teacher_forced_logits_across_chunk_boundaries(name):
+    model = fit(tiny(name, "chunk"), 3, uniform(96))
+    idx = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    full = model(idx).logits
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        streamed = [model(idx[:, :1], cache=cache, start_pos=0).logits]
+        for t in range(1, 40):  # one token per call: crosses the boundaries at 7, 15, 23, 31, 39
+            streamed.append(model(idx[:, t:t + 1], cache=cache, start_pos=t).logits)
+    assert (torch.cat(streamed, 1) - full).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+def test_logits_of_chunks_before_an_injection_anchor_are_identical_with_and_without_it(name):
+    model = open_gate(fit(tiny(name, "chunk"), 3, uniform(96)))
+    C = model.config.chunk_size
+    idx = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(4))
+    block = torch.randint(0, 96, (30,), generator=torch.Generator().manual_seed(5))
+    plain = model(idx).logits
+    for anchor in (2, 4):
+        with model.inject([(block, anchor)]):
+            injected = model(idx).logits
+        first = anchor * C - 1   # logits at t predict token t+1, which is in chunk anchor from here on
+        assert torch.equal(injected[:, :first], plain[:, :first])
+        assert (injected[:, first:] - plain[:, first:]).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+def test_injection_with_a_closed_gate_is_identical_to_no_injection(name):
+    model = tiny(name, "chunk")
+    idx = torch.randint(0, 96, (1, 40))
+    with model.inject([(torch.randint(0, 96, (20,)), 2)]):
+        injected = model(idx).logits
+    assert torch.equal(injected, model(idx).logits)
+
+
+def test_injected_cached_decoding_and_speculation_equal_the_injected_full_forward():
+    model = open_gate(fit(tiny("v6", "chunk"), 3, uniform(96)))
+    idx = torch.randint(0, 96, (1, 37), generator=torch.Generator().manual_seed(6))
+    with model.inject([(torch.randint(0, 96, (25,)), 2), (torch.randint(0, 96, (9,)), 4)]):
+        full = model(idx).logits
+        cache = model.new_cache(1)
+        with torch.no_grad():
+            part = [model(idx[:, :13], cache=cache, start_pos=0).logits]
+            part += [model(idx[:, t:t + 1], cache=cache, start_pos=t).logits for t in range(13, 37)]
+        assert (torch.cat(part, 1) - full).abs().max().item() <= 1e-5
+        greedy = model.generate(idx[:, :5], 30, temperature=0)
+        assert torch.equal(greedy, model.generate(idx[:, :5], 30, temperature=0, speculative=True))
+        assert torch.equal(greedy, model.generate(idx[:, :5], 30, temperature=0, use_cache=False))
+
+
+def test_gradient_reaches_the_injected_memory_only_from_chunks_at_or_after_the_anchor():
+    model = open_gate(tiny("v6", "chunk"))
+    C, anchor = model.config.chunk_size, 2
+    memory = model.encode_injection(torch.randint(0, 96, (20,))).detach().requires_grad_(True)
+    logits = model(torch.randint(0, 96, (1, 40)), injections=[(memory, anchor)]).logits
+    before, = torch.autograd.grad(logits[:, :anchor * C - 1].sum(), memory, retain_graph=True, allow_unused=True)
+    after, = torch.autograd.grad(logits[:, anchor * C - 1:].sum(), memory)
+    assert before is None or before.abs().max().item() == 0
+    assert after.abs().max().item() > 0
+
+
+def test_injection_rejects_off_spine_and_out_of_range_anchors_and_token_mode():
+    model = tiny("v6", "chunk")                         # 48 // 8 = 6 chunks: spine 0, 2, 4
+    block = torch.randint(0, 96, (10,))
+    for anchor, words in ((3, "not a spine position"), (6, "out of range"), (-2, "out of range")):
+        with pytest.raises(core.UsageError, match=words):
+            with model.inject([(block, anchor)]):
+                pass
+    with pytest.raises(core.UsageError, match="mode='chunk'"):
+        tiny("v6", "token").encode_injection(block)
+
+
+def test_chunk_training_injects_the_windows_own_earlier_chunks_for_some_rows():
+    model = tiny("v6", "chunk", inject_train_prob=1.0).train()
+    idx = torch.randint(0, 96, (3, 48))
+    memory, anchors = model._training_injection(idx)
+    assert memory.shape == (3, model.config.n_inject_slots, 32) and anchors.eq(2).all()
+    model.zero_grad()
+    open_gate(model)(idx, targets=idx).loss.backward()
+    assert model.chunk.inject_queries.grad.abs().sum() > 0 and model.chunk.inject_xattn.q.weight.grad.abs().sum() > 0
+    none = tiny("v6", "chunk", inject_train_prob=0.0).train()._training_injection(idx)
+    assert none is None
+
+
+@pytest.mark.parametrize("name,mode", V6_V7)
+def test_greedy_speculative_output_equals_plain_greedy_for_many_prompts_and_draft_lengths(name, mode):
+    model = fit(tiny(name, mode), 30, counting(96), lr=3e-3)  # predictable data: drafts get accepted
+    g = torch.Generator().manual_seed(7)
+    accepted = 0
+    for i in range(8):
+        prompt = torch.randint(0, 96, (1, 1 + i * 3), generator=g)
+        greedy = model.generate(prompt, 20, temperature=0)
+        for k in (1, 2, 3, 5):
+            stats = {}
+            spec = model.generate(prompt, 20, temperature=0, speculative=True, draft_len=k, stats=stats)
+            assert torch.equal(spec, greedy), (i, k)
+            accepted += sum(n * c for n, c in enumerate(stats["accepted_hist"]))
+    assert accepted > 0
+
+
+def test_speculative_sampling_matches_the_exact_distribution_of_the_first_tokens_chi_square():
+    from scipy.stats import chisquare
+    model = fit(tiny("v6", "token", vocab_size=8, max_seq_len=16), 10, counting(8), lr=3e-3)
+    prompt = torch.tensor([[3, 4]])
+    with torch.no_grad():  # exact joint of the first two new tokens by enumeration
+        p1 = model(prompt).logits[0, -1].softmax(-1)
+        seqs = torch.cat([prompt.expand(8, 2), torch.arange(8)[:, None]], 1)
+        p2 = model(seqs).logits[:, -1].softmax(-1)
+        exact = (p1[:, None] * p2).flatten().double().numpy()
+    exact = exact / exact.sum()              # float32 softmax sums to 1 only up to rounding
+    g = torch.Generator().manual_seed(0)
+    runs = 3000
+    counts = np.zeros(64)
+    accepted = 0
+    for _ in range(runs):
+        stats = {}
+        out = model.generate(prompt, 3, temperature=1.0, speculative=True, draft_len=3, generator=g, stats=stats)
+        counts[out[0, 2].item() * 8 + out[0, 3].item()] += 1
+        accepted += sum(n * c for n, c in enumerate(stats["accepted_hist"]))
+    keep = exact * runs >= 5        # pool the rare outcomes so the chi-square approximation holds
+    observed, expected = counts[keep], exact[keep] * runs
+    if (~keep).any():
+        observed, expected = np.append(observed, counts[~keep].sum()), np.append(expected, exact[~keep].sum() * runs)
+    assert accepted > 0
+    assert chisquare(observed, expected).pvalue > 0.01
+
+
+def test_speculative_statistics_report_calls_acceptance_per_head_and_speedup():
+    model = fit(tiny("v6", "token"), 30, counting(96), lr=3e-3)
+    out, stats = model.speculative_stats(torch.tensor([[5, 6, 7]]), 20)
+    assert torch.equal(out, model.generate_ultra_fast(torch.tensor([[5, 6, 7]]), 20))
+    assert stats["tokens_per_call"] == 20 / stats["model_calls"] and stats["speedup"] > 0
+    assert len(stats["acceptance_per_head"]) == model.config.horizon - 1
+    assert all(0 <= a <= 1 for a in stats["acceptance_per_head"] if a == a)
+
+
+def test_speculative_bookkeeping_emits_exactly_max_new_tokens():
+    model = fit(tiny("v6", "chunk"), 20, counting(96), lr=3e-3)
+    for n in (1, 2, 7, 9, 30):
+        for temperature in (0, 1.0):
+            out = model.generate(torch.tensor([[1, 2, 3]]), n, temperature=temperature, speculative=True)
+            assert out.shape == (1, 3 + n)
+
+
+def _hpl_hand(logits, targets, zs, unembed, beta, gamma, consistency):
+    """The HierarchicalPredictiveLoss written out position by position."""
+    B, T, V = logits.shape
+    main = F.log_softmax(logits, -1)
+    ce = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
+    weighted, lam_sum, kls = 0.0, 0.0, []
+    for j in range(zs.size(2)):
+        k = j + 2
+        lam = beta * gamma ** (k - 2)
+        q = F.log_softmax(zs[:, :, j] @ unembed.T, -1)
+        terms, kl = [], []
+        for b in range(B):
+            for t in range(T - k + 1):
+                if targets[b, t + k - 1] >= 0:
+                    terms.append(-q[b, t, targets[b, t + k - 1]])
+                    p = main[b, t + k - 1]
+                    kl.append((p.exp() * (p - q[b, t])).sum())
+        weighted, lam_sum = weighted + lam * torch.stack(terms).mean(), lam_sum + lam
+        kls.append(torch.stack(kl).mean())
+    return (ce + weighted) / (1 + lam_sum) + consistency * torch.stack(kls).mean()
+
+
+def test_hierarchical_predictive_loss_matches_its_formula_and_ignores_pads():
+    torch.manual_seed(0)
+    B, T, V, D, H = 2, 9, 11, 6, 4
+    unembed = torch.randn(V, D)
+    zs = torch.randn(B, T, H - 1, D, requires_grad=True)
+    logits = torch.randn(B, T, V, requires_grad=True)
+    targets = torch.randint(0, V, (B, T))
+    targets[1, 6:] = -1                                    # right padding of row 1
+    loss_fn = core.HierarchicalPredictiveLoss(beta=0.3, gamma=0.8, consistency=0.1)
+    loss, aux = loss_fn(logits, targets, zs, unembed)
+    assert set(aux) == {"lm", "horizon", "consistency"}
+    assert abs(loss.item() - _hpl_hand(logits, targets, zs, unembed, 0.3, 0.8, 0.1).item()) < 1e-5
+    loss.backward()
+    assert logits.grad[1, 6:].abs().max() == 0             # pads: no loss, no gradient (the main head is detached
+    assert zs.grad[1, 5:].abs().max() == 0                 # in the consistency term; offsets >= 2 from t=5 on)
+    # the loss of row 1 alone equals that of its unpadded prefix
+    one = loss_fn(logits[1:, :6], targets[1:, :6], zs[1:, :6], unembed)[0]
+    padded = loss_fn(logits[1:], targets[1:], zs[1:], unembed)[0]
+    assert abs(one.item() - padded.item()) < 1e-5
+
+
+def test_recursive_horizon_starts_as_the_main_head_and_mixes_with_weights_in_the_unit_interval():
+    model = tiny("v7_1_2", "token")
+    h = torch.randn(2, 5, 32)
+    assert torch.equal(model.horizon(h), h[:, :, None].expand(2, 5, model.config.horizon - 1, 32))
+    fit(model, 3, uniform(96))
+    a = torch.sigmoid(model.horizon.mix)
+    assert ((a >= 0) & (a <= 1)).all() and model.horizon.carry.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+def test_every_horizon_offset_learns_a_deterministic_stream(name):
+    model = fit(tiny(name, "token", horizon=4), 200, counting(96), lr=5e-3)
+    x = counting(96)(torch.Generator().manual_seed(8), 4, 48)
+    out = model(x)
+    for j in range(3):
+        k = j + 2
+        pred = (out.horizon_hidden[:, :48 - k, j] @ model.wte.weight.T).argmax(-1)
+        assert (pred == x[:, k:]).float().mean().item() >= 0.99, k
+
+
+def test_exit_heads_of_the_adaptive_bottom_receive_gradients_and_threshold_above_one_is_dense():
+    model = tiny("v7_1_2", "token", n_layers=3, n_bottom_layers=2).train()
+    x = torch.randint(0, 96, (2, 20))
+    model(x, targets=x).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trunk.exit_heads.parameters()
+               if p.dim() > 1)
+    model.eval()
+    assert (model(x).exit_depth == 2).all()   # default threshold 0.93: untrained heads never exit early here
+    dense = core.build_model("v7_1_2", mode="token", exit_threshold=1.5, **{**TINY, "n_layers": 3})
+    dense.load_state_dict(model.state_dict())
+    assert (dense.eval()(x).exit_depth == 2).all()
+
+
+def test_flops_per_token_matches_a_hand_count():
+    # v6 token mode, max_seq_len 12: no lattice row yet; 2 bottom blocks, horizon 4, D 32, V 96
+    model = core.build_model("v6", mode="token", **{**TINY, "max_seq_len": 12})
+    D, V, T = 32, 96, 12
+    blocks = 2 * (24 * D * D + 4 * T * D)
+    exit_heads = 2 * D
+    heads = 2 * D * V * 4 + 2 * 3 * D * D
+    assert model.flops_per_token() == 3 * (blocks + exit_heads + heads)
+
+
+def test_sample_py_injects_context_on_a_v6_checkpoint_and_rejects_bad_anchors(tmp_path):
+    model = core.build_model("v6", mode="chunk", d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
+    config = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(model.config)}
+    core.save_checkpoint(str(tmp_path / "ckpt.pt"), {"model_name": "v6", "model_config": config,
+                                                     "model": model.state_dict(), "iter_num": 0})
+    (tmp_path / "doc.txt").write_text("def main():\n    return 0\n")
+    doc = tmp_path / "doc.txt"
+
+    def sample(*args):
+        return subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path}", "--max_new_tokens=12",
+                               "--temperature=0", *args], cwd=HERE, capture_output=True, text=True, timeout=120)
+
+    ok = sample(f"--inject={doc}@2,{doc}@4", "--speculative")
+    assert ok.returncode == 0, ok.stderr
+    assert "injecting 2 block(s)" in ok.stderr and "speed-up" in ok.stderr and "acceptance per draft" in ok.stderr
+    bad = sample(f"--inject={doc}@3")
+    assert bad.returncode != 0 and "not a spine position" in bad.stderr
+    far = sample(f"--inject={doc}@8")
+    assert far.returncode != 0 and "out of range" in far.stderr
+
+# -----------------------------------------------------------------------------
 # sampling and speculative decoding
 
 def test_temperature_zero_is_greedy_and_top_k_top_p_mask_the_tail():
@@ -1124,9 +1749,9 @@ def test_ctrl_c_saves_and_resume_continues_the_same_loss_trajectory(shard_dir, t
     result = run(args + [f"--out_dir={interrupted}", "--init_from=resume"])
     assert result.returncode == 0, result.stderr
     a, b = train_losses(interrupted), train_losses(straight)
-    # torch AdamW on the CPU is bitwise reproducible; bitsandbytes' CPU kernels differ run to run by ~1e-6
-    tolerance = 0.0 if optimizer == "adamw" else 1e-4
-    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tolerance for k in a), (a, b)
+    # two processes agree to ~1e-6, not bitwise (multi-threaded CPU kernels); a skipped or repeated batch
+    # would move the losses by ~1e-2
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-4 for k in a), (a, b)
     assert max(b) == 60
 
 

@@ -1,0 +1,246 @@
+"""HST v4.1 HyperLattice: a GPT whose middle is a causal hyper-lattice block, decoded through a paged KV cache.
+
+What it combines (shared/spec/variants/v4_1_v5.md, part D):
+- Paged KV cache (vLLM's PagedAttention, Kwon et al. 2023), in core.PagedKVCache: fixed 16-token blocks from a
+  preallocated pool, one block table per sequence shared by every layer, a free list, reference counts with
+  copy-on-write for shared prefixes, and truncation for speculative rollback. `new_cache` returns one, so
+  `generate(use_cache=True)` and speculative decoding attend through block tables.
+- Causal hyper-lattice block (the original's HyperLatticeBlock): node features n_t = GELU(LN(W_n x_t)) are mixed
+  over a window of W earlier positions with weights a_{t,o} = softmax_o(w_o + r_{t,o}), where w are learnable
+  lattice weights per *relative* offset o = t - j and r_t = W_r LN(x_t) is per-token content routing (W_r starts at
+  zero, so training starts from the static lattice). The mix is one banded lower-triangular matrix product;
+  an edge MLP and a gate fold the message back into the stream. Decoding keeps every position's node features.
+- Horizon heads at every position: offset k = 2..horizon at t predicts token t+k through LN(h + U_k h) and the
+  tied unembedding, trained with core.horizon_objective and drafting for lossless speculative decoding.
+
+What it does differently from the original script (v4_1_v5.md part C):
+- Every layer is causal (the original's bottom stack was a bidirectional nn.TransformerEncoderLayer) and cached.
+- The lattice weights are per relative offset and receive gradients (the original indexed a 48x48 table by
+  absolute position and rebuilt it with torch.tensor, which detached it); routing is content-based, vectorized,
+  and applies at every position instead of the first 48.
+- The "paged cache" is a real one (the original concatenated a growing Python list of ragged pages on every read
+  and evicted pages without fixing its length counter).
+- Horizon heads forecast from every position (the original trained the last position on past tokens 1..4), one
+  tied vocabulary matrix instead of three, no clamped positions.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import core
+
+
+class CausalHyperLattice(nn.Module):
+    """out_t = g_t * W_o e_t + (1 - g_t) * x_t, with e_t = EdgeMLP([n_t ; m_t]), g_t = sigmoid(W_g [x_t ; e_t]) and
+    m_t = sum_{o < min(W, t + 1)} a_{t,o} n_{t-o}: offsets past the sequence start get probability exactly 0, so
+    out_t depends on x_{<=t} only. forward(x, start_pos, nodes) with nodes (B, max_len, D) the cached node
+    features (written by position, so truncation needs no bookkeeping) or None for an uncached call from 0."""
+
+    def __init__(self, d_model, window, bias=False):
+        super().__init__()
+        self.window = window
+        self.offset_logits = nn.Parameter(torch.zeros(window))           # w_o: the learnable lattice weights
+        self.route_ln = core.LayerNorm(d_model, bias)
+        self.route_weight = nn.Parameter(torch.zeros(window, d_model))   # W_r, zero: start from the static lattice
+        self.node = nn.Linear(d_model, d_model, bias=bias)
+        self.node_ln = core.LayerNorm(d_model, bias)
+        self.edge_in = nn.Linear(2 * d_model, d_model, bias=bias)
+        self.edge_out = nn.Linear(d_model, d_model, bias=bias)
+        self.gate = nn.Linear(2 * d_model, d_model, bias=bias)
+        self.out = nn.Linear(d_model, d_model, bias=bias)
+
+    def routing(self, x, start_pos=0):
+        """x (B, T, D) at positions start_pos.. -> a (B, T, W): each token's weights over offsets 0..W-1."""
+        T = x.size(1)
+        t_pos = torch.arange(start_pos, start_pos + T, device=x.device)
+        z = self.offset_logits + F.linear(self.route_ln(x), self.route_weight)          # (B, T, W)
+        beyond_start = torch.arange(self.window, device=x.device) > t_pos[:, None]       # (T, W): j = t - o < 0
+        return z.masked_fill(beyond_start, float("-inf")).softmax(-1)
+
+    def forward(self, x, start_pos=0, nodes=None):
+        B, T, D = x.shape
+        n = F.gelu(self.node_ln(self.node(x)))                                           # (B, T, D)
+        if nodes is None:
+            if start_pos:
+                raise core.UsageError(f"the lattice needs its cache for start_pos={start_pos} > 0")
+            first, keys = 0, n
+        else:
+            nodes[:, start_pos:start_pos + T] = n
+            first = max(0, start_pos - self.window + 1)          # older nodes are outside every query's window
+            keys = nodes[:, first:start_pos + T]                                         # (B, L, D)
+        a = self.routing(x, start_pos)                                                   # (B, T, W)
+        t_pos = torch.arange(start_pos, start_pos + T, device=x.device)
+        j_pos = torch.arange(first, start_pos + T, device=x.device)
+        rel = t_pos[:, None] - j_pos[None]                                               # (T, L) offset t - j
+        band = (rel >= 0) & (rel < self.window)
+        mix = torch.gather(a, 2, rel.clamp(0, self.window - 1).expand(B, T, -1)) * band  # (B, T, L) banded, lower
+        m = mix.to(keys.dtype) @ keys                                                    # (B, T, D)
+        e = self.edge_out(F.gelu(self.edge_in(torch.cat([n, m], -1))))
+        g = torch.sigmoid(self.gate(torch.cat([x, e], -1)))
+        return g * self.out(e) + (1 - g) * x
+
+
+class HyperLatticeCache(core.PagedKVCache):
+    """Paged K/V of every block plus the lattice's node features (B, max_len, D) by position."""
+
+    def __init__(self, nodes, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nodes = nodes
+
+    def nbytes(self):
+        return super().nbytes() + self.nodes.nelement() * self.nodes.element_size()
+
+
+@dataclass
+class Config(core.Config):
+    n_bottom_layers: int = 2        # blocks before the hyper-lattice; the rest of n_layers come after it
+    lattice_window: int = 48        # W: offsets 0..W-1 a token's lattice mixes (the original's lattice_depth)
+    horizon: int = 9                # offsets 1..horizon (the original's 8 horizon heads + the main head)
+    horizon_weight: float = 0.5     # lambda_h of the horizon term in the objective
+    horizon_gamma: float = 0.95     # discount of offset k: gamma^(k-1)
+    block_size: int = 16            # paged cache: tokens per block
+    kv_blocks: int = 0              # paged cache: blocks in the pool; 0 = enough for every row to reach max_seq_len
+    modes: ClassVar[tuple] = ("token",)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.n_bottom_layers <= self.n_layers:
+            raise core.UsageError(f"n_bottom_layers={self.n_bottom_layers} must lie in [0, n_layers={self.n_layers}]")
+        for name in ("lattice_window", "horizon", "block_size"):
+            if getattr(self, name) < 1:
+                raise core.UsageError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+class Model(core.LM):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        c = config
+        self.wte = nn.Embedding(c.vocab_size, c.d_model)
+        self.wpe = nn.Embedding(c.max_seq_len, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(core.Block(c.d_model, c.n_heads, c.bias, c.dropout) for _ in range(c.n_layers))
+        self.lattice = CausalHyperLattice(c.d_model, c.lattice_window, c.bias)
+        self.ln_f = core.LayerNorm(c.d_model, c.bias)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017); the horizon heads read it too
+        # horizon offsets 2..H: LN(h + U_k h), a residual so every offset starts near the main head's prediction
+        self.horizon = nn.Linear(c.d_model, (c.horizon - 1) * c.d_model, bias=False) if c.horizon > 1 else None
+        self.horizon_ln = core.LayerNorm(c.d_model, c.bias) if c.horizon > 1 else None
+        self.apply(core.init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled residual projections
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * c.n_layers) ** 0.5)
+
+    def new_cache(self, batch_size, device=None, dtype=None):
+        c, p = self.config, next(self.parameters())
+        device, dtype = device or p.device, dtype or p.dtype
+        nodes = torch.zeros(batch_size, c.max_seq_len, c.d_model, device=device, dtype=dtype)
+        return HyperLatticeCache(nodes, c.n_layers, batch_size, c.n_heads, c.d_model // c.n_heads, c.max_seq_len,
+                                 device, dtype, c.block_size, c.kv_blocks)
+
+    def forward(self, idx, targets=None, cache=None, start_pos=0):
+        c = self.config
+        B, T = idx.shape
+        if start_pos + T > c.max_seq_len:
+            raise core.UsageError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len="
+                                  f"{c.max_seq_len}; crop the input or build with a longer max_seq_len")
+        pos = torch.arange(start_pos, start_pos + T, device=idx.device)
+        h = self.drop(self.wte(idx) + self.wpe(pos))                              # (B, T, D)
+        kv = [None] * c.n_layers if cache is None else cache.layers
+        for i, block in enumerate(self.blocks):
+            if i == c.n_bottom_layers:
+                h = self.lattice(h, start_pos, None if cache is None else cache.nodes)
+            h = block(h, kv[i], start_pos)
+        if c.n_bottom_layers == c.n_layers:
+            h = self.lattice(h, start_pos, None if cache is None else cache.nodes)
+        h = self.ln_f(h)
+        logits = self.lm_head(h)                                                  # (B, T, V)
+        horizon_hidden = None
+        if self.horizon is not None:
+            u = self.horizon(h).view(B, T, c.horizon - 1, c.d_model)              # (B, T, H-1, D)
+            horizon_hidden = self.horizon_ln(h[:, :, None] + u)
+        loss = aux = None
+        if targets is not None:
+            loss, aux = core.horizon_objective(logits, targets, horizon_hidden, self.wte.weight, None,
+                                               c.horizon_weight, c.horizon_gamma)
+        return core.Output(logits=logits, loss=loss, hidden=h, aux=aux, horizon_hidden=horizon_hidden)
+
+    def draft(self, seq, k, prev_out, prev_index):
+        return core.horizon_draft(seq, k, prev_out, prev_index, self.wte.weight)
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 3x the forward matmul FLOPs (2 per multiply-add) at T = max_seq_len."""
+        c = self.config
+        D, T, V, W, H = c.d_model, c.max_seq_len, c.vocab_size, c.lattice_window, c.horizon
+        blocks = c.n_layers * (2 * 12 * D * D + 2 * 2 * T * D)    # qkv, proj, 4x MLP; QK^T and AV over T keys
+        lattice = 2 * (7 * D * D + W * D) + 2 * T * D             # node, edge 2D->D->D, gate, out, routing; band mix
+        heads = 2 * D * V + (H - 1) * (2 * D * D + 2 * D * V)     # main head; each horizon offset's U_k and unembed
+        return 3 * (blocks + lattice + heads)
+
+
+@torch.no_grad()
+def ragged_kv_memory(model, prompt_lens, seed=0):
+    """KV memory of a batch of prompts of different lengths, paged against contiguous, from the caches themselves.
+
+    Both caches are filled by the model's own prefill of the padded batch; each paged row is then truncated to
+    its prompt's length (causal attention makes the padding's K/V irrelevant to the real tokens), which frees its
+    tail blocks. The contiguous cache is core.LM's: one KVCache per layer, every row preallocated to max_seq_len.
+    Bytes count K/V only. Returns core.kv_memory_comparison(...) plus the contiguous cost of rows padded only to the longest prompt."""
+    B, L = len(prompt_lens), max(prompt_lens)
+    idx = torch.randint(0, model.config.vocab_size, (B, L), generator=torch.Generator().manual_seed(seed))
+    paged, contiguous = model.new_cache(B), core.LM.new_cache(model, B)
+    contiguous.nodes = paged.nodes.clone()    # the lattice's node features are the same in both; KV is compared
+    model.eval()
+    model(idx, cache=paged)
+    paged.truncate(list(prompt_lens))
+    model(idx, cache=contiguous)
+    report = core.kv_memory_comparison(paged, contiguous)
+    per_slot = contiguous.nbytes() / (B * model.config.max_seq_len)
+    report["contiguous_padded_to_longest"] = dict(allocated_slots=B * L, used_slots=sum(prompt_lens),
+                                                  waste=1 - sum(prompt_lens) / (B * L), bytes_in_use=B * L * per_slot)
+    return report
+
+
+if __name__ == "__main__":
+    import math
+    torch.manual_seed(0)
+    V = 512
+    model = core.build_model("v4_1", vocab_size=V, d_model=64, n_layers=4, n_heads=4, max_seq_len=64)
+    print(f"v4_1 self-test: {model.num_params():,} parameters at d_model=64, n_layers=4 (2 + lattice + 2)")
+    idx = torch.randint(0, V, (2, 41))
+    x, y = idx[:, :-1], idx[:, 1:]
+    out = model(x, targets=y)
+    assert out.logits.shape == (2, 40, V) and out.horizon_hidden.shape == (2, 40, 8, 64)
+    print(f"loss at init {out.loss.item():.3f} (ln V = {math.log(V):.3f}); parts "
+          + ", ".join(f"{k} {v.item():.3f}" for k, v in out.aux.items()))
+    assert abs(out.loss.item() - math.log(V)) < 0.5
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(80):
+        loss = model(x, targets=y).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    print(f"loss after 80 steps on one batch {loss.item():.3f}")
+    assert loss.item() < 0.5, "the model failed to overfit one batch"
+    model.eval()
+    prompt = idx[:1, :8]
+    cached = model.generate(prompt, 24, temperature=0)
+    uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
+    stats = {}
+    speculative = model.generate(prompt, 24, temperature=0, speculative=True, stats=stats)
+    assert torch.equal(cached, uncached) and torch.equal(cached, speculative)
+    print(f"greedy cached (paged) == uncached == speculative: ok ({24 / stats['model_calls']:.2f} tokens per call)")
+    cache = model.new_cache(2)
+    model(idx[:, :37], cache=cache)
+    print(f"paged cache after 37 tokens x 2 rows: {cache.memory_stats()}")
+    report = ragged_kv_memory(model, [5, 9, 16, 17, 23, 33, 40, 64])
+    print("KV memory, 8 prompts of 5..64 tokens: "
+          + "; ".join(f"{k}: {v['allocated_slots']} slots for {v['used_slots']} tokens ({v['waste']:.1%} waste, "
+                      f"{v['bytes_in_use'] / 1024:.0f} KiB)" for k, v in report.items()))
+    print(f"default config: {core.build_model('v4_1').num_params():,} parameters "
+          f"(gpt: {core.build_model('gpt').num_params():,})")

@@ -1,0 +1,347 @@
+"""HST v5: adaptive bottom with per-token early exit, a task-routed lattice processor, layer-aware predictive
+fields and a multi-scale recursive horizon predictor, in token mode and in hierarchical chunk mode.
+
+What it combines (shared/spec/variants/v4_1_v5.md, part D.4):
+- Adaptive bottom stack with per-token early exit (core.SpineTrunk without top blocks or spine lattice): exit heads
+  read each token's own state; at inference an exited token's state is frozen and its skipped layers still cache
+  K/V (CALM, Schuster et al. 2022); a threshold above 1 is exactly the dense model.
+- Adaptive lattice processor (the original's task routing): causal, cached blocks, each gated per token by
+  G_t = sigmoid(MLP(u_t)), where u_t is the causal prefix mean of the processor's input (decode keeps prefix sums).
+  h <- h + G_{t,i} (Block_i(h) - h). Soft gates, no Python branch on a tensor value.
+- Layer-aware predictive fields (the original's RecursiveDescentLatticeAnalyzer.compute_predictive_field):
+  templates over processor depth (far targets weigh shallow layers, near targets deep ones) times sigmoid(lambda)
+  give, per horizon level, a weighted mean of the processor's per-layer states z^(i); the readout
+  h^(level) = h + W_f LN(f) feeds the horizon predictor. Causal because every z^(i) is.
+- Multi-scale recursive horizon predictor: offsets j = 1..Hz (canonical offset j + 1, token t+1+j) split into
+  coarse {Hz/2, Hz}, medium {Hz/4, 3Hz/4} and fine (the rest) levels; each finer offset interpolates, in hidden
+  space, the two nearest coarser anchors (anchor 0 is the main head's state) with alpha = (j - a) / (b - a), and
+  every offset has its own embedding, so all Hz outputs are distinct and trained at every position.
+- Chunk mode (MEGABYTE, Yu et al. 2023): core.ChunkHierarchy with this trunk (bottom -> lattice processor -> top)
+  as the global model over chunk slots; the horizon predictor reads the local decoder's states.
+- Every block caches its K/V in a core.PagedKVCache (16-token blocks from a pool).
+
+What it does differently from the original script (v4_1_v5.md part C):
+- Causal everywhere: the router reads a prefix mean, not the whole sequence's mean; the processor's layers are
+  causal and cached; chunk c's vector is read only by later chunks.
+- No batch-mean or `.item()` decisions: gates and exits are per token; caches keep every layer at every position.
+- The analyzer's field is used (the original never called it), defined for every offset (no spine lookup that
+  raises); the horizon predictor covers all offsets with correct, non-extrapolating interpolation weights (the
+  original's had duplicates, an all-zero offset and reversed alpha) and predicts from every position.
+- One tied vocabulary matrix (the original spent 147.6 M parameters on untied vocab-sized horizon layers).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import core
+
+# the original's field templates over 10 lattice layers, centred at these relative depths: far targets read the
+# shallow layers, medium ones the lower middle, near ones the upper middle (v4_1_v5.md B.3); here they are smooth
+# bumps over relative depth, so every processor depth gets a template with no zero rows
+FIELD_CENTRES = {"far": 0.0, "medium": 0.25, "near": 0.55}
+FIELD_WIDTH = 0.25
+
+
+def multiscale_plan(n_offsets):
+    """Levels of the horizon predictor over offsets j = 1..n_offsets (offset j predicts token t+1+j): a list of
+    levels (coarse, medium, fine), each a list of (j, a, b, alpha) with a < j <= b the nearest anchors among the
+    coarser levels and 0, and alpha = (j - a) / (b - a). Coarse offsets have no anchors (a = b = j, alpha 0)."""
+    Hz = n_offsets
+    coarse = sorted({max(1, round(Hz / 2)), Hz})
+    medium = sorted({max(1, round(Hz / 4)), max(1, round(3 * Hz / 4))} - set(coarse))
+    fine = sorted(set(range(1, Hz + 1)) - set(coarse) - set(medium))
+    plan, known = [[(j, j, j, 0.0) for j in coarse]], [0] + coarse
+    for level in (medium, fine):
+        if not level:
+            continue
+        rows = []
+        for j in level:
+            a, b = max(k for k in known if k < j), min(k for k in known if k > j)
+            rows.append((j, a, b, (j - a) / (b - a)))
+        plan.append(rows)
+        known = sorted(known + level)
+    return plan
+
+
+def interpolate_anchors(z_a, z_b, alpha):
+    """(1 - alpha) z_a + alpha z_b: alpha = 0 is anchor a; the nearer anchor always weighs more."""
+    return torch.lerp(z_a, z_b, alpha)
+
+
+class AdaptiveLatticeProcessor(nn.Module):
+    """Causal, cached blocks gated per token by a router over the prefix mean u_t = sum_{s<=t} x_s / (t + 1).
+    forward(x, kv, start_pos, prefix_sums) -> (h, states (B, T, n, D), gates (B, T, n)); prefix_sums
+    (B, max_len, D) holds the running sums by position in a cached call (so truncation needs nothing)."""
+
+    def __init__(self, d_model, n_heads, n_layers, router_hidden, bias=False, dropout=0.0):
+        super().__init__()
+        self.blocks = nn.ModuleList(core.Block(d_model, n_heads, bias, dropout) for _ in range(n_layers))
+        self.router = nn.Sequential(nn.Linear(d_model, router_hidden, bias=bias), nn.ReLU(),
+                                    nn.Linear(router_hidden, n_layers, bias=bias))
+
+    def gates(self, x, start_pos=0, prefix_sums=None):
+        T = x.size(1)
+        sums = x.float().cumsum(1)                                                # (B, T, D)
+        if prefix_sums is not None:
+            if start_pos:
+                sums = sums + prefix_sums[:, start_pos - 1:start_pos].float()
+            prefix_sums[:, start_pos:start_pos + T] = sums.to(prefix_sums.dtype)
+        count = torch.arange(start_pos + 1, start_pos + T + 1, device=x.device, dtype=sums.dtype)
+        u = (sums / count[:, None]).to(x.dtype)                                   # causal prefix mean
+        return torch.sigmoid(self.router(u))                                      # (B, T, n)
+
+    def forward(self, x, kv, start_pos=0, prefix_sums=None):
+        g = self.gates(x, start_pos, prefix_sums)
+        h, states = x, []
+        for i, block in enumerate(self.blocks):
+            h = h + g[..., i:i + 1] * (block(h, kv[i], start_pos) - h)
+            states.append(h)
+        return h, torch.stack(states, 2), g
+
+
+class PredictiveField(nn.Module):
+    """field_level = template_level * sigmoid(lambda) over processor layers; readout per horizon level:
+    h + W_f LN(sum_i field[i] z^(i) / sum_i field[i]). forward(h (B, T, D), states (B, T, n, D)) -> (B, T, 3, D)."""
+
+    def __init__(self, d_model, n_layers, bias=False):
+        super().__init__()
+        depth = torch.linspace(0, 1, n_layers) if n_layers > 1 else torch.zeros(1)
+        templates = torch.stack([torch.exp(-((depth - c) / FIELD_WIDTH) ** 2) for c in FIELD_CENTRES.values()])
+        self.register_buffer("templates", templates, persistent=False)           # (3, n): far, medium, near
+        self.layer_weights = nn.Parameter(torch.ones(n_layers))                   # lambda, init 1 as the original
+        self.ln = core.LayerNorm(d_model, bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def field(self):
+        return self.templates * torch.sigmoid(self.layer_weights)                # (3, n)
+
+    def forward(self, h, states):
+        field = self.field()
+        f = torch.einsum("ln,btnd->btld", field / field.sum(-1, keepdim=True), states)  # (B, T, 3, D)
+        return h[:, :, None] + self.proj(self.ln(f))
+
+
+class MultiScaleHorizon(nn.Module):
+    """Hidden states of offsets j = 1..Hz (canonical offsets 2..Hz+1) from coarse to fine: coarse
+    z_j = base + MLP_c(base + E_j); finer z_j = base + MLP([base + E_j ; lerp(z_a, z_b, alpha)]), with z_0 = h.
+    `base` is the level's field readout (or h). Returns LN(z) (B, T, Hz, D) for the tied unembedding."""
+
+    def __init__(self, d_model, n_offsets, bias=False):
+        super().__init__()
+        self.plan = multiscale_plan(n_offsets)
+        # E_j, one per offset, on the scale of the normed state it is added to, so offsets differ from the start
+        self.offset_emb = nn.Parameter(torch.randn(n_offsets, d_model))
+        self.levels = nn.ModuleList(
+            nn.Sequential(nn.Linear(d_model * (1 if i == 0 else 2), d_model, bias=bias), nn.GELU(),
+                          nn.Linear(d_model, d_model, bias=bias)) for i in range(len(self.plan)))
+        self.ln = core.LayerNorm(d_model, bias)
+
+    def forward(self, h, bases=None):
+        """h (B, T, D) the final normed state; bases (B, T, n_levels, D) per-level readouts, or None (= h)."""
+        z = {0: h}
+        for i, (rows, mlp) in enumerate(zip(self.plan, self.levels)):
+            base = h if bases is None else bases[:, :, min(i, bases.size(2) - 1)]
+            offsets = [j for j, _, _, _ in rows]
+            inp = base[:, :, None] + self.offset_emb[[j - 1 for j in offsets]]       # (B, T, n_level, D)
+            if i:
+                z_a = torch.stack([z[a] for _, a, _, _ in rows], 2)
+                z_b = torch.stack([z[b] for _, _, b, _ in rows], 2)
+                alpha = torch.tensor([al for _, _, _, al in rows], dtype=h.dtype, device=h.device)[:, None]
+                inp = torch.cat([inp, interpolate_anchors(z_a, z_b, alpha)], -1)
+            out = base[:, :, None] + mlp(inp)
+            for k, j in enumerate(offsets):
+                z[j] = out[:, :, k]
+        return self.ln(torch.stack([z[j] for j in range(1, len(z))], 2))         # (B, T, Hz, D)
+
+
+class V5Cache(core.PagedKVCache):
+    """Paged K/V of every block (bottom, processor, top) and the router's prefix sums (B, max_len, D)."""
+
+    def __init__(self, prefix_sums, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefix_sums = prefix_sums
+
+    def nbytes(self):
+        return super().nbytes() + self.prefix_sums.nelement() * self.prefix_sums.element_size()
+
+
+class V5Trunk(nn.Module):
+    """Adaptive bottom (early exit) -> adaptive lattice processor -> top blocks over one causal axis.
+    forward(x, cache, start_pos, exit_threshold) -> (h, exit_loss, exit_depth, states (B, T, n_lattice, D))."""
+
+    def __init__(self, d_model, n_heads, n_bottom, n_lattice, n_top, router_hidden, max_len, block_size, kv_blocks,
+                 bias=False, dropout=0.0):
+        super().__init__()
+        self.d_model, self.n_heads, self.max_len = d_model, n_heads, max_len
+        self.block_size, self.kv_blocks = block_size, kv_blocks
+        self.n_bottom, self.n_lattice = n_bottom, n_lattice
+        # max_len=0 builds no spine lattice and n_top=0 no top blocks: what is left is the adaptive bottom stack
+        self.bottom = core.SpineTrunk(d_model, n_heads, n_bottom, 0, 0, bias, dropout)
+        self.processor = AdaptiveLatticeProcessor(d_model, n_heads, n_lattice, router_hidden, bias, dropout)
+        self.top = nn.ModuleList(core.Block(d_model, n_heads, bias, dropout) for _ in range(n_top))
+
+    def new_cache(self, batch_size, device, dtype):
+        n_blocks = self.n_bottom + self.n_lattice + len(self.top)
+        sums = torch.zeros(batch_size, self.max_len, self.d_model, device=device, dtype=torch.float32)
+        return V5Cache(sums, n_blocks, batch_size, self.n_heads, self.d_model // self.n_heads, self.max_len, device,
+                       dtype, self.block_size, self.kv_blocks)
+
+    def forward(self, x, cache=None, start_pos=0, exit_threshold=2.0):
+        nb, nl = self.n_bottom, self.n_lattice
+        kv = [None] * (nb + nl + len(self.top)) if cache is None else cache.layers
+        h, exit_loss, depth = self.bottom(x, None if cache is None else core.Cache(kv[:nb]), start_pos, exit_threshold)
+        h, states, _ = self.processor(h, kv[nb:nb + nl], start_pos, None if cache is None else cache.prefix_sums)
+        for i, block in enumerate(self.top, start=nb + nl):
+            h = block(h, kv[i], start_pos)
+        return h, exit_loss, depth, states
+
+
+@dataclass
+class Config(core.SpineConfig):  # n_bottom_layers, horizon, horizon_weight, horizon_gamma, exit_threshold
+    horizon: int = 9                # offsets 1..horizon: the main head and the original's 8 horizon offsets
+    n_lattice_layers: int = 2       # blocks of the adaptive lattice processor (the original had 10 at d_model 768)
+    router_hidden: int = 256        # task router MLP width
+    block_size: int = 16            # paged cache: tokens per block
+    kv_blocks: int = 0              # paged cache: blocks in the pool; 0 = enough for every row to reach the context
+    chunk_size: int = 8             # chunk mode: tokens per chunk
+    n_local_layers: int = 2         # chunk mode: layers of the local decoder
+    modes: ClassVar[tuple] = ("token", "chunk")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("n_lattice_layers", "router_hidden", "block_size", "chunk_size", "n_local_layers"):
+            if getattr(self, name) < 1:
+                raise core.UsageError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.horizon < 2:
+            raise core.UsageError(f"horizon={self.horizon}: the multi-scale predictor needs at least offset 2")
+
+
+class Model(core.LM):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        c = config
+        n_top = c.n_layers - c.n_bottom_layers
+        self.wte = nn.Embedding(c.vocab_size, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        if c.mode == "token":
+            self.wpe = nn.Embedding(c.max_seq_len, c.d_model)
+            self.trunk = V5Trunk(c.d_model, c.n_heads, c.n_bottom_layers, c.n_lattice_layers, n_top, c.router_hidden,
+                                 c.max_seq_len, c.block_size, c.kv_blocks, c.bias, c.dropout)
+            self.field = PredictiveField(c.d_model, c.n_lattice_layers, c.bias)
+        else:
+            # the per-layer processor states exist per chunk slot only, so the token-level field has no input here:
+            # chunk mode builds none and its horizon predictor reads the local decoder's state directly
+            n_slots = c.max_seq_len // c.chunk_size + 1
+            trunk = V5Trunk(c.d_model, c.n_heads, c.n_bottom_layers, c.n_lattice_layers, n_top, c.router_hidden,
+                            n_slots, c.block_size, c.kv_blocks, c.bias, c.dropout)
+            self.chunk = core.ChunkHierarchy(trunk, c.d_model, c.n_heads, c.n_local_layers, c.chunk_size,
+                                             c.max_seq_len, c.bias, c.dropout)
+        self.ln_f = core.LayerNorm(c.d_model, c.bias)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017); the horizon predictor reads it too
+        self.horizon = MultiScaleHorizon(c.d_model, c.horizon - 1, c.bias)
+        self.apply(core.init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled residual projections
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * (c.n_layers + c.n_lattice_layers)) ** 0.5)
+
+    def new_cache(self, batch_size, device=None, dtype=None):
+        p = next(self.parameters())
+        body = self.trunk if self.config.mode == "token" else self.chunk
+        return body.new_cache(batch_size, device or p.device, dtype or p.dtype)
+
+    def forward(self, idx, targets=None, cache=None, start_pos=0):
+        c = self.config
+        B, T = idx.shape
+        if start_pos + T > c.max_seq_len:
+            raise core.UsageError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len="
+                                  f"{c.max_seq_len}; crop the input or build with a longer max_seq_len")
+        if c.mode == "token":
+            pos = torch.arange(start_pos, start_pos + T, device=idx.device)
+            x = self.drop(self.wte(idx) + self.wpe(pos))                          # (B, T, D)
+            h, exit_loss, exit_depth, states = self.trunk(x, cache, start_pos, c.exit_threshold)
+            h = self.ln_f(h)
+            bases = self.field(h, states)                                         # (B, T, 3, D)
+        else:
+            h, rest = self.chunk(idx, lambda ids: self.drop(self.wte(ids)), cache, start_pos,
+                                 exit_threshold=c.exit_threshold)                # (B, T, D)
+            exit_loss, exit_depth = None if rest is None else rest[0], None
+            h, bases = self.ln_f(h), None
+        logits = self.lm_head(h)                                                  # (B, T, V)
+        horizon_hidden = self.horizon(h, bases)                                   # (B, T, H-1, D)
+        loss = aux = None
+        if targets is not None:
+            loss, aux = core.horizon_objective(logits, targets, horizon_hidden, self.wte.weight, exit_loss,
+                                               c.horizon_weight, c.horizon_gamma)
+        return core.Output(logits=logits, loss=loss, hidden=h, aux=aux, horizon_hidden=horizon_hidden,
+                           exit_depth=exit_depth)
+
+    def draft(self, seq, k, prev_out, prev_index):
+        return core.horizon_draft(seq, k, prev_out, prev_index, self.wte.weight)
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 3x the forward matmul FLOPs (2 per multiply-add) at T = max_seq_len."""
+        c = self.config
+        D, T, V, Hz, C = c.d_model, c.max_seq_len, c.vocab_size, c.horizon - 1, c.chunk_size
+        nb, nl, R = c.n_bottom_layers, c.n_lattice_layers, c.router_hidden
+
+        def block(keys):
+            return 2 * 12 * D * D + 2 * 2 * keys * D            # qkv, proj, 4x MLP; QK^T and AV over `keys` keys
+
+        def trunk(keys):
+            exits = (nb - 1) * 2 * D                             # exit heads
+            router = 2 * (D * R + R * nl)
+            return (c.n_layers + nl) * block(keys) + exits + router
+
+        plan = multiscale_plan(Hz)
+        predictor = sum(len(rows) * 2 * ((1 if i == 0 else 2) * D * D + D * D) for i, rows in enumerate(plan))
+        heads = 2 * D * V + Hz * 2 * D * V + predictor         # main head, every offset's unembedding, level MLPs
+        if c.mode == "token":
+            field = 3 * (2 * D * D + 2 * nl * D)                 # per level: W_f, and the weighted mean of states
+            return 3 * (trunk(T) + field + heads)
+        n_slots = T // C + 1
+        encoder = 2 * C * D * D / C                              # C*D -> D per chunk, shared by its C tokens
+        global_model = trunk(n_slots) / C                        # one global slot per C tokens
+        local = c.n_local_layers * block(C) + 2 * D * D          # grouped blocks over C keys, context projection
+        return 3 * (encoder + global_model + local + heads)
+
+
+if __name__ == "__main__":
+    V = 512
+    for mode in ("token", "chunk"):
+        torch.manual_seed(0)
+        model = core.build_model("v5", mode=mode, vocab_size=V, d_model=64, n_layers=4, n_heads=4, max_seq_len=64)
+        print(f"v5 {mode} self-test: {model.num_params():,} parameters at d_model=64, n_layers=4 "
+              f"(+{model.config.n_lattice_layers} lattice processor layers)")
+        idx = torch.randint(0, V, (2, 30))  # 29 inputs: not a multiple of chunk_size
+        x, y = idx[:, :-1], idx[:, 1:]
+        out = model(x, targets=y)
+        assert out.logits.shape == (2, 29, V) and out.horizon_hidden.shape == (2, 29, 8, 64)
+        print(f"  loss at init {out.loss.item():.3f} (ln V = {math.log(V):.3f}); parts "
+              + ", ".join(f"{k} {v.item():.3f}" for k, v in out.aux.items()))
+        assert abs(out.loss.item() - math.log(V)) < 0.5
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for step in range(150):
+            loss = model(x, targets=y).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        print(f"  loss after 150 steps on one batch {loss.item():.3f}")
+        assert loss.item() < 0.5, "the model failed to overfit one batch"
+        model.eval()
+        prompt = idx[:1, :11]
+        cached = model.generate(prompt, 24, temperature=0)
+        uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
+        stats = {}
+        speculative = model.generate(prompt, 24, temperature=0, speculative=True, stats=stats)
+        assert torch.equal(cached, uncached) and torch.equal(cached, speculative)
+        print(f"  greedy cached == uncached == speculative: ok ({24 / stats['model_calls']:.2f} tokens per call)")
+    for mode in ("token", "chunk"):
+        print(f"default config, {mode} mode: {core.build_model('v5', mode=mode).num_params():,} parameters")
+    print(f"gpt at the same size: {core.build_model('gpt').num_params():,} parameters")
