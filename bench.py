@@ -152,7 +152,7 @@ def bench_quality(pairs, s, work, data_dir):
                    f"--n_layers={s['n_layers']}", f"--n_heads={s['n_heads']}", f"--max_seq_len={T}",
                    f"--batch_size={B}", f"--max_iters={iters}", f"--eval_interval={iters}",
                    f"--eval_iters={eval_iters}", f"--log_interval={max(1, iters // 20)}", "--optimizer=adamw",
-                   f"--warmup_iters={max(1, iters // 10)}", f"--learning_rate=2e-3", f"--seed={seed}",
+                   f"--warmup_iters={max(1, iters // 10)}", "--learning_rate=2e-3", f"--seed={seed}",
                    "--device=cpu"]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
@@ -301,7 +301,6 @@ def bench_memory_cuda(pairs, s):
 # data preparation
 
 def bench_data(s, work):
-    import tiktoken  # noqa: F401  (the raw baseline)
     paths = prepare_data.stdlib_paths()[:100 if s["fast"] else 600]
     texts = list(prepare_data.text_files(paths))
     enc = core.get_tokenizer()

@@ -1383,7 +1383,6 @@ class PagedLayer:
         n_logical = -(-L // c.block_size)
         table = torch.tensor([(t + [0] * n_logical)[:n_logical] for t in c.block_tables], dtype=torch.long,
                              device=c.k_pool[self.index].device)                # (B, M) padded block tables
-        B = table.size(0)
         k = c.k_pool[self.index][table].flatten(1, 2)[:, :L]                    # (B, M * bs, nh, hd) -> (B, L, nh, hd)
         v = c.v_pool[self.index][table].flatten(1, 2)[:, :L]
         return k.transpose(1, 2), v.transpose(1, 2)
@@ -1672,44 +1671,58 @@ def spine_lm_flops(model):
     return 3 * fwd
 
 
-def spine_lm_selftest(module, name, V=512):
-    """`python model_X.py` for InjectableSpineLM variants: both modes: shapes, loss ~ ln V at init, overfit one
-    batch, greedy cached == uncached == speculative, speculative statistics, and (chunk mode) an injection that
-    leaves predictions before its anchor unchanged."""
-    def build(**kw):  # the module itself: the self-test runs before (and without) registration
-        return module.Model(make_config(module.Config, kw))
-
-    for mode in ("token", "chunk"):
+def lm_selftest(name, build, modes=("token",), T=29, prompt_len=11, steps=80, overfit_below=0.5, V=512,
+                extra=None):
+    """`python model_X.py`: per mode, shapes, loss ~ ln V at init, overfitting one batch, greedy cached ==
+    uncached == speculative; then `extra(model, mode, idx, cached)` for the variant's own checks, and the
+    parameter counts at the default size. build(**config) makes the model (before or without registration)."""
+    for mode in modes:
         torch.manual_seed(0)
         model = build(mode=mode, vocab_size=V, d_model=64, n_layers=4, n_heads=4, max_seq_len=64)
         print(f"{name} {mode} self-test: {model.num_params():,} parameters at d_model=64, n_layers=4")
-        idx = torch.randint(0, V, (2, 30))  # 29 inputs: not a multiple of chunk_size
+        idx = torch.randint(0, V, (2, T + 1))
         x, y = idx[:, :-1], idx[:, 1:]
         out = model(x, targets=y)
-        assert out.logits.shape == (2, 29, V) and out.horizon_hidden.shape == (2, 29, model.config.horizon - 1, 64)
+        assert out.logits.shape == (2, T, V)
+        if out.horizon_hidden is not None:
+            assert out.horizon_hidden.shape == (2, T, model.config.horizon - 1, 64)
         print(f"  loss at init {out.loss.item():.3f} (ln V = {math.log(V):.3f}); parts "
-              + ", ".join(f"{k} {v.item():.3f}" for k, v in out.aux.items()))
+              + ", ".join(f"{k} {v.item():.3f}" for k, v in (out.aux or {}).items()))
         assert abs(out.loss.item() - math.log(V)) < 0.5
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for step in range(80):
+        for step in range(steps):
             loss = model(x, targets=y).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        print(f"  loss after 80 steps on one batch {loss.item():.3f}")
-        assert loss.item() < 0.8, "the model failed to overfit one batch"
+        print(f"  loss after {steps} steps on one batch {loss.item():.3f}")
+        assert loss.item() < overfit_below, "the model failed to overfit one batch"
         model.eval()
-        prompt = idx[:1, :11]
+        prompt = idx[:1, :prompt_len]
         cached = model.generate(prompt, 24, temperature=0)
         uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
-        speculative, stats = model.speculative_stats(prompt, 24)
+        stats = {}
+        speculative = model.generate(prompt, 24, temperature=0, speculative=True, stats=stats)
         assert torch.equal(cached, uncached) and torch.equal(cached, speculative)
-        print(f"  greedy cached == uncached == speculative: ok ({stats['tokens_per_call']:.2f} tokens per model "
-              f"call, acceptance per head " + ", ".join(f"{a:.2f}" for a in stats["acceptance_per_head"])
-              + f", speed-up {stats['speedup']:.2f}x)")
+        print(f"  greedy cached == uncached == speculative: ok ({24 / stats['model_calls']:.2f} tokens per call)")
+        if extra is not None:
+            extra(model, mode, idx, cached)
+    for mode in modes:
+        print(f"default config, {mode} mode: {build(mode=mode).num_params():,} parameters")
+    print(f"gpt at the same size: {build_model('gpt').num_params():,} parameters")
+
+
+def spine_lm_selftest(module, name):
+    """lm_selftest for InjectableSpineLM variants, both modes, plus speculative statistics and (chunk mode) an
+    injection that leaves predictions before its anchor unchanged."""
+    def extra(model, mode, idx, cached):
+        speculative, stats = model.speculative_stats(idx[:1, :11], 24)
+        assert torch.equal(cached, speculative)
+        print(f"  speculative statistics: {stats['tokens_per_call']:.2f} tokens per model call, acceptance per "
+              f"head " + ", ".join(f"{a:.2f}" for a in stats["acceptance_per_head"])
+              + f", speed-up {stats['speedup']:.2f}x")
         if mode == "chunk":
-            C = model.config.chunk_size
-            anchor = 2
+            C, anchor, x = model.config.chunk_size, 2, idx[:, :-1]
             with torch.no_grad():  # an untrained gate is exactly zero: open it to show the anchor mask at work
                 model.chunk.inject_gate.fill_(0.5)
             with model.inject([(idx[1], anchor)]):
@@ -1718,9 +1731,9 @@ def spine_lm_selftest(module, name, V=512):
             assert torch.equal(injected[:, :anchor * C - 1], plain[:, :anchor * C - 1])
             print(f"  injection at chunk {anchor}: predictions before it unchanged, after it max change "
                   f"{(injected - plain).abs().max().item():.2e} (gate tanh({model.chunk.inject_gate.item():.3f}))")
-    for mode in ("token", "chunk"):
-        print(f"default config, {mode} mode: {build(mode=mode).num_params():,} parameters")
-    print(f"gpt at the same size: {build_model('gpt').num_params():,} parameters")
+
+    lm_selftest(name, lambda **kw: module.Model(make_config(module.Config, kw)), ("token", "chunk"),
+                overfit_below=0.8, extra=extra)
 
 
 # -----------------------------------------------------------------------------

@@ -84,36 +84,9 @@ class Model(core.LM):
 
 
 if __name__ == "__main__":
-    import math
-    torch.manual_seed(0)
-    V = 512
-    model = core.build_model("v3", vocab_size=V, d_model=64, n_layers=4, n_heads=4, max_seq_len=64)
-    print(f"v3 self-test: {model.num_params():,} parameters at d_model=64, n_layers=4 (2 bottom + 2 top)")
-    idx = torch.randint(0, V, (2, 33))
-    x, y = idx[:, :-1], idx[:, 1:]
-    out = model(x, targets=y)
-    assert out.logits.shape == (2, 32, V) and out.horizon_hidden.shape == (2, 32, 3, 64)
-    print(f"loss at init {out.loss.item():.3f} (ln V = {math.log(V):.3f}); parts "
-          + ", ".join(f"{k} {v.item():.3f}" for k, v in out.aux.items()))
-    assert abs(out.loss.item() - math.log(V)) < 0.5
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(80):
-        loss = model(x, targets=y).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    print(f"loss after 80 steps on one batch {loss.item():.3f}")
-    assert loss.item() < 0.5, "the model failed to overfit one batch"
-    model.eval()
-    depth = model(x).exit_depth
-    print(f"eval bottom depth per token: mean {depth.float().mean().item():.2f} of {model.config.n_bottom_layers} "
-          f"at exit_threshold {model.config.exit_threshold}")
-    prompt = idx[:1, :8]
-    cached = model.generate(prompt, 24, temperature=0)
-    uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
-    stats = {}
-    speculative = model.generate(prompt, 24, temperature=0, speculative=True, stats=stats)
-    assert torch.equal(cached, uncached) and torch.equal(cached, speculative)
-    print(f"greedy cached == uncached == speculative: ok ({24 / stats['model_calls']:.2f} tokens per model call)")
-    print(f"default config: {core.build_model('v3').num_params():,} parameters "
-          f"(gpt: {core.build_model('gpt').num_params():,})")
+    def exit_depth(model, mode, idx, cached):
+        depth = model(idx[:, :-1]).exit_depth
+        print(f"  eval bottom depth per token: mean {depth.float().mean().item():.2f} of "
+              f"{model.config.n_bottom_layers} at exit_threshold {model.config.exit_threshold}")
+
+    core.lm_selftest("v3", lambda **kw: core.build_model("v3", **kw), T=32, prompt_len=8, extra=exit_depth)

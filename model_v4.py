@@ -108,36 +108,5 @@ class Model(core.LM):
 
 
 if __name__ == "__main__":
-    import math
-    V = 512
-    for mode in ("token", "chunk"):
-        torch.manual_seed(0)
-        model = core.build_model("v4", mode=mode, vocab_size=V, d_model=64, n_layers=4, n_heads=4, max_seq_len=64)
-        print(f"v4 {mode} self-test: {model.num_params():,} parameters at d_model=64, n_layers=4")
-        idx = torch.randint(0, V, (2, 30))  # 29 inputs: not a multiple of chunk_size
-        x, y = idx[:, :-1], idx[:, 1:]
-        out = model(x, targets=y)
-        assert out.logits.shape == (2, 29, V) and out.horizon_hidden.shape == (2, 29, 3, 64)
-        print(f"  loss at init {out.loss.item():.3f} (ln V = {math.log(V):.3f}); parts "
-              + ", ".join(f"{k} {v.item():.3f}" for k, v in out.aux.items()))
-        assert abs(out.loss.item() - math.log(V)) < 0.5
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for step in range(80):
-            loss = model(x, targets=y).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        print(f"  loss after 80 steps on one batch {loss.item():.3f}")
-        assert loss.item() < 0.5, "the model failed to overfit one batch"
-        model.eval()
-        prompt = idx[:1, :11]
-        cached = model.generate(prompt, 24, temperature=0)
-        uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
-        stats = {}
-        speculative = model.generate(prompt, 24, temperature=0, speculative=True, stats=stats)
-        assert torch.equal(cached, uncached) and torch.equal(cached, speculative)
-        print(f"  greedy cached == uncached == speculative: ok "
-              f"({24 / stats['model_calls']:.2f} tokens per model call)")
-    for mode in ("token", "chunk"):
-        print(f"default config, {mode} mode: {core.build_model('v4', mode=mode).num_params():,} parameters")
-    print(f"gpt at the same size: {core.build_model('gpt').num_params():,} parameters")
+    # the default 29 positions are not a multiple of chunk_size
+    core.lm_selftest("v4", lambda **kw: core.build_model("v4", **kw), ("token", "chunk"))

@@ -207,40 +207,13 @@ def ragged_kv_memory(model, prompt_lens, seed=0):
 
 
 if __name__ == "__main__":
-    import math
-    torch.manual_seed(0)
-    V = 512
-    model = core.build_model("v4_1", vocab_size=V, d_model=64, n_layers=4, n_heads=4, max_seq_len=64)
-    print(f"v4_1 self-test: {model.num_params():,} parameters at d_model=64, n_layers=4 (2 + lattice + 2)")
-    idx = torch.randint(0, V, (2, 41))
-    x, y = idx[:, :-1], idx[:, 1:]
-    out = model(x, targets=y)
-    assert out.logits.shape == (2, 40, V) and out.horizon_hidden.shape == (2, 40, 8, 64)
-    print(f"loss at init {out.loss.item():.3f} (ln V = {math.log(V):.3f}); parts "
-          + ", ".join(f"{k} {v.item():.3f}" for k, v in out.aux.items()))
-    assert abs(out.loss.item() - math.log(V)) < 0.5
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(80):
-        loss = model(x, targets=y).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    print(f"loss after 80 steps on one batch {loss.item():.3f}")
-    assert loss.item() < 0.5, "the model failed to overfit one batch"
-    model.eval()
-    prompt = idx[:1, :8]
-    cached = model.generate(prompt, 24, temperature=0)
-    uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
-    stats = {}
-    speculative = model.generate(prompt, 24, temperature=0, speculative=True, stats=stats)
-    assert torch.equal(cached, uncached) and torch.equal(cached, speculative)
-    print(f"greedy cached (paged) == uncached == speculative: ok ({24 / stats['model_calls']:.2f} tokens per call)")
-    cache = model.new_cache(2)
-    model(idx[:, :37], cache=cache)
-    print(f"paged cache after 37 tokens x 2 rows: {cache.memory_stats()}")
-    report = ragged_kv_memory(model, [5, 9, 16, 17, 23, 33, 40, 64])
-    print("KV memory, 8 prompts of 5..64 tokens: "
-          + "; ".join(f"{k}: {v['allocated_slots']} slots for {v['used_slots']} tokens ({v['waste']:.1%} waste, "
-                      f"{v['bytes_in_use'] / 1024:.0f} KiB)" for k, v in report.items()))
-    print(f"default config: {core.build_model('v4_1').num_params():,} parameters "
-          f"(gpt: {core.build_model('gpt').num_params():,})")
+    def paged_memory(model, mode, idx, cached):
+        cache = model.new_cache(2)
+        model(idx[:, :37], cache=cache)
+        print(f"  paged cache after 37 tokens x 2 rows: {cache.memory_stats()}")
+        report = ragged_kv_memory(model, [5, 9, 16, 17, 23, 33, 40, 64])
+        print("  KV memory, 8 prompts of 5..64 tokens: "
+              + "; ".join(f"{k}: {v['allocated_slots']} slots for {v['used_slots']} tokens ({v['waste']:.1%} waste, "
+                          f"{v['bytes_in_use'] / 1024:.0f} KiB)" for k, v in report.items()))
+
+    core.lm_selftest("v4_1", lambda **kw: core.build_model("v4_1", **kw), T=40, prompt_len=8, extra=paged_memory)

@@ -30,13 +30,11 @@ What it does differently from the original script (v4_1_v5.md part C):
 - One tied vocabulary matrix (the original spent 147.6 M parameters on untied vocab-sized horizon layers).
 """
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import core
 
@@ -313,35 +311,4 @@ class Model(core.LM):
 
 
 if __name__ == "__main__":
-    V = 512
-    for mode in ("token", "chunk"):
-        torch.manual_seed(0)
-        model = core.build_model("v5", mode=mode, vocab_size=V, d_model=64, n_layers=4, n_heads=4, max_seq_len=64)
-        print(f"v5 {mode} self-test: {model.num_params():,} parameters at d_model=64, n_layers=4 "
-              f"(+{model.config.n_lattice_layers} lattice processor layers)")
-        idx = torch.randint(0, V, (2, 30))  # 29 inputs: not a multiple of chunk_size
-        x, y = idx[:, :-1], idx[:, 1:]
-        out = model(x, targets=y)
-        assert out.logits.shape == (2, 29, V) and out.horizon_hidden.shape == (2, 29, 8, 64)
-        print(f"  loss at init {out.loss.item():.3f} (ln V = {math.log(V):.3f}); parts "
-              + ", ".join(f"{k} {v.item():.3f}" for k, v in out.aux.items()))
-        assert abs(out.loss.item() - math.log(V)) < 0.5
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for step in range(150):
-            loss = model(x, targets=y).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        print(f"  loss after 150 steps on one batch {loss.item():.3f}")
-        assert loss.item() < 0.5, "the model failed to overfit one batch"
-        model.eval()
-        prompt = idx[:1, :11]
-        cached = model.generate(prompt, 24, temperature=0)
-        uncached = model.generate(prompt, 24, temperature=0, use_cache=False)
-        stats = {}
-        speculative = model.generate(prompt, 24, temperature=0, speculative=True, stats=stats)
-        assert torch.equal(cached, uncached) and torch.equal(cached, speculative)
-        print(f"  greedy cached == uncached == speculative: ok ({24 / stats['model_calls']:.2f} tokens per call)")
-    for mode in ("token", "chunk"):
-        print(f"default config, {mode} mode: {core.build_model('v5', mode=mode).num_params():,} parameters")
-    print(f"gpt at the same size: {core.build_model('gpt').num_params():,} parameters")
+    core.lm_selftest("v5", lambda **kw: core.build_model("v5", **kw), ("token", "chunk"), steps=150)

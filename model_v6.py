@@ -28,8 +28,6 @@ losslessly; no untrained parameters (the exit heads are trained, the injection i
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 import core
 
 
