@@ -1737,6 +1737,65 @@ def spine_lm_selftest(module, name):
 
 
 # -----------------------------------------------------------------------------
+# Pell-Lucas positions and block-sparse masks (HST v8.2 and ChaosLogic; shared/spec/variants/v8_chaos.md 6.2-6.3)
+#
+# The true Pell-Lucas (companion Pell) numbers Q_0 = Q_1 = 2, Q_n = 2 Q_{n-1} + Q_{n-2}: 2, 6, 14, 34, 82, 198, ...
+# grow by 1 + sqrt(2) per step, so {0} U {Q_n} is a log-spaced grid of positions (the originals used doubled Pell or
+# doubled tribonacci numbers under that name). Everything below depends on positions only, never on tokens, so it
+# is causal by construction and identical in training and decoding.
+
+PELL_LUCAS_LEVELS = 32  # spine points 0, 2, 6, ..., Q_31 ~ 1.5e12: enough for any position an int64 run reaches
+
+
+def pell_lucas_numbers(n=PELL_LUCAS_LEVELS):
+    """The first n distinct Pell-Lucas numbers: [2, 6, 14, 34, 82, 198, 478, 1154, ...]."""
+    q = [2, 6]
+    while len(q) < n:
+        q.append(2 * q[-1] + q[-2])
+    return q[:n]
+
+
+def _sinusoid(x, width, base):
+    """[sin(x w_i); cos(x w_i)] with w_i = base^(-2i/width): (...,) float -> (..., width), width even."""
+    freqs = base ** (-torch.arange(0, width, 2, dtype=torch.float32, device=x.device) / width)
+    angles = x.float()[..., None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], -1)
+
+
+class PellLucasPE(nn.Module):
+    """PE(p) = [sinusoid(p); Fourier features of the phase rho; LevelEmb[l]], where l = #{spine points <= p},
+    a = p - (largest spine point <= p), b = (next spine point) - p and rho = a / (a + b). A function of p alone,
+    vectorized with one searchsorted, defined for every position (no clamp); the level table is learned."""
+
+    def __init__(self, d_model):
+        super().__init__()
+        self.w_pos = 2 * (d_model // 4)
+        self.w_phase = 2 * (d_model // 8)
+        self.level = nn.Embedding(PELL_LUCAS_LEVELS + 1, d_model - self.w_pos - self.w_phase)
+        self.register_buffer("spine", torch.tensor([0] + pell_lucas_numbers()), persistent=False)
+
+    def forward(self, pos):
+        """pos (T,) LongTensor of absolute positions -> (T, D)."""
+        level = torch.searchsorted(self.spine, pos, right=True)                        # >= 1, since spine[0] = 0
+        below = self.spine[level - 1]
+        above = self.spine[level.clamp(max=self.spine.numel() - 1)]
+        rho = (pos - below).float() / (above - below).clamp_min(1).float()
+        # phase Fourier features at frequencies pi * 2^i: rho in [0, 1) is resolved down to 2^-(w_phase/2)
+        freqs = math.pi * 2.0 ** torch.arange(self.w_phase // 2, dtype=torch.float32, device=pos.device)
+        phase = torch.cat([(rho[:, None] * freqs).sin(), (rho[:, None] * freqs).cos()], -1)
+        return torch.cat([_sinusoid(pos, self.w_pos, 10000.0), phase, self.level(level)], -1)
+
+
+def pell_lucas_block_mask(q_pos, k_pos, block):
+    """Causal Pell-Lucas block-sparse pattern (spec 6.3): query block i reads key block j <= i iff
+    i - j in {0, 1} U {Q_n} or j = 0 (the sink block); inside an allowed tile the token-level causal mask holds.
+    q_pos (Tq,), k_pos (Tk,) absolute positions -> bool (Tq, Tk), True = may attend. Every query sees itself."""
+    i, j = q_pos[:, None] // block, k_pos[None, :] // block
+    gaps = torch.tensor([0, 1] + pell_lucas_numbers(), device=q_pos.device)
+    return (k_pos[None, :] <= q_pos[:, None]) & ((j == 0) | torch.isin(i - j, gaps))
+
+
+# -----------------------------------------------------------------------------
 # checkpoints
 
 def save_checkpoint(path, state):
