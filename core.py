@@ -1243,6 +1243,25 @@ def check_anchor(anchor, max_seq_len, chunk_size, spine_only=True):
         raise UsageError(f"injection anchor {anchor} is not a spine position; use one of {spine}")
 
 
+class _LogSumExpAndPick(torch.autograd.Function):
+    """(logits (N, V) fp32, index (N,)) -> (logsumexp (N,), logits[n, index[n]] (N,)), with a backward that
+    writes softmax * g_lse + onehot * g_pick in one buffer: a cross-entropy and a KL share one pass over V,
+    where autograd's logsumexp + gather would allocate, fill and add three (B, T, V) tensors."""
+
+    @staticmethod
+    def forward(ctx, logits, index):
+        lse = torch.logsumexp(logits, -1)
+        ctx.save_for_backward(logits, index, lse)
+        return lse, logits.gather(-1, index[:, None])[:, 0]
+
+    @staticmethod
+    def backward(ctx, g_lse, g_pick):
+        logits, index, lse = ctx.saved_tensors
+        grad = torch.sub(logits, lse[:, None]).exp_().mul_(g_lse[:, None])
+        grad.scatter_add_(1, index[:, None], g_pick[:, None])
+        return grad, None
+
+
 class HierarchicalPredictiveLoss(nn.Module):
     """v6 Giga's training objective, corrected (v6_v7.md section 8.1):
     (CE_main + sum_k lambda_k CE_k) / (1 + sum_k lambda_k) + consistency * mean_k KL(sg(p_main[t+k-1]) || q_k[t]),
@@ -1256,29 +1275,39 @@ class HierarchicalPredictiveLoss(nn.Module):
         self.beta, self.gamma, self.consistency = beta, gamma, consistency
 
     @staticmethod
-    def _offset_terms(z, unembed, target, main_logp):
-        """CE of offset logits against target and KL(main || offset), summed over valid positions."""
-        logq = F.linear(z, unembed).float().log_softmax(-1)                           # (B, T, V)
+    def _offset_terms(z, unembed, target, expected_row, neg_entropy):
+        """CE of offset logits against target and KL(main || offset), summed over valid positions.
+        With logits = z W^T and p the main head's distribution, sum_v p_v log q_v = z . (p W) - logsumexp(z W^T),
+        so the KL needs the expected unembedding row p W (computed once, outside) instead of a pass over V."""
+        logits = F.linear(z, unembed).float()                                          # (B, T, V)
+        lse, target_logit = _LogSumExpAndPick.apply(logits.flatten(0, 1), target.clamp_min(0).flatten())
+        lse, target_logit = lse.view_as(target), target_logit.view_as(target)          # (B, T)
         valid = target >= 0
-        ce = F.nll_loss(logq.flatten(0, 1), target.reshape(-1), ignore_index=-1, reduction="sum")
-        p = main_logp.exp()
-        kl = ((p * (main_logp - logq)).sum(-1) * valid).sum()
+        ce = ((lse - target_logit) * valid).sum()
+        cross = (z.float() * expected_row).sum(-1) - lse                              # sum_v p_v log q_v
+        kl = ((neg_entropy - cross) * valid).sum()
         return ce, kl
 
     def forward(self, logits, targets, horizon_hidden, unembed):
         aux = {"lm": lm_loss(logits, targets)}
         if horizon_hidden is None:
             return aux["lm"], aux
-        main_logp = logits.detach().float().log_softmax(-1)                           # (B, T, V), stop-grad
+        with torch.no_grad():  # the main head is the consistency target (stop-grad): one pass over V for all offsets
+            main_logp = logits.float().log_softmax(-1)                                  # (B, T, V)
+            p = main_logp.exp()
+            neg_entropy = (p * main_logp).sum(-1)                                       # (B, T)
+            del main_logp
+        expected_row = p @ unembed.float()              # (B, T, D); the unembedding gets its KL gradient through it
         ce_sum, kl_sum, lam_sum = 0.0, 0.0, 0.0
         n_off = horizon_hidden.size(2)
         for j in range(n_off):
             k = j + 2
             target = horizon_targets(targets, k)
             # main head at t+k-1 predicts the same token as offset k at t; pad the shifted rows (masked anyway)
-            shifted = F.pad(main_logp[:, k - 1:], (0, 0, 0, k - 1))
+            row = F.pad(expected_row[:, k - 1:], (0, 0, 0, k - 1))
+            neg_h = F.pad(neg_entropy[:, k - 1:], (0, k - 1))
             ce, kl = torch.utils.checkpoint.checkpoint(self._offset_terms, horizon_hidden[:, :, j], unembed,
-                                                       target, shifted, use_reentrant=False)
+                                                       target, row, neg_h, use_reentrant=False)
             count = (target >= 0).sum().clamp_min(1)
             lam = self.beta * self.gamma ** (k - 2)
             ce_sum, kl_sum, lam_sum = ce_sum + lam * ce / count, kl_sum + kl / count, lam_sum + lam

@@ -1205,7 +1205,7 @@ def _hpl_hand(logits, targets, zs, unembed, beta, gamma, consistency):
 def test_hierarchical_predictive_loss_matches_its_formula_and_ignores_pads():
     torch.manual_seed(0)
     B, T, V, D, H = 2, 9, 11, 6, 4
-    unembed = torch.randn(V, D)
+    unembed = torch.randn(V, D, requires_grad=True)
     zs = torch.randn(B, T, H - 1, D, requires_grad=True)
     logits = torch.randn(B, T, V, requires_grad=True)
     targets = torch.randint(0, V, (B, T))
@@ -1213,7 +1213,12 @@ def test_hierarchical_predictive_loss_matches_its_formula_and_ignores_pads():
     loss_fn = core.HierarchicalPredictiveLoss(beta=0.3, gamma=0.8, consistency=0.1)
     loss, aux = loss_fn(logits, targets, zs, unembed)
     assert set(aux) == {"lm", "horizon", "consistency"}
-    assert abs(loss.item() - _hpl_hand(logits, targets, zs, unembed, 0.3, 0.8, 0.1).item()) < 1e-5
+    hand = _hpl_hand(logits, targets, zs, unembed, 0.3, 0.8, 0.1)
+    assert abs(loss.item() - hand.item()) < 1e-5
+    # same gradients as the formula, the unembedding's included (the KL is computed without a pass over V)
+    want = torch.autograd.grad(hand, (zs, unembed), retain_graph=True)
+    got = torch.autograd.grad(loss, (zs, unembed), retain_graph=True)
+    assert all(max_diff(g, w) < 1e-5 for g, w in zip(got, want))
     loss.backward()
     assert logits.grad[1, 6:].abs().max() == 0             # pads: no loss, no gradient (the main head is detached
     assert zs.grad[1, 5:].abs().max() == 0                 # in the consistency term; offsets >= 2 from t=5 on)
