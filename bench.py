@@ -1,6 +1,6 @@
 """
 Benchmarks of every registered model against the gpt control, measured side by side in one process and run.
-$ python bench.py                                  # everything at CPU sizes (about 10 minutes on 2 cores)
+$ python bench.py                                  # everything at the cpu_tiny size (about 10 minutes on 2 cores)
 $ python bench.py --what=throughput --models=gpt,v3
 $ python bench.py --out=results --update_readme    # tables + plots in results/, README results section rewritten
 $ python bench.py --fast                           # tiny sizes, seconds: the test suite's smoke run
@@ -31,14 +31,15 @@ SHARED_TEXT = os.path.join(HERE, "..", "shared", "data", "tinyshakespeare.txt")
 SETTINGS = dict(
     what="all",               # all, or a comma list of: throughput, quality, generation, memory, data
     models="all",             # all, or a comma list of names (gpt is always added as the control)
-    d_model=128, n_layers=4, n_heads=4,
-    max_seq_len=288,          # room for a 16-token prompt and 256 new tokens without sliding the context
-    batch_size=2,
-    steps=4,                  # timed training steps per model for throughput (after 2 warm-up steps)
-    quality_iters=80,         # training steps per model and seed for quality (same tokens for every model)
+    d_model=128, n_layers=4, n_heads=4,  # the config/cpu_tiny.py model
+    max_seq_len=128,
+    batch_size=8,
+    steps=3,                  # timed training steps per model for throughput (after 2 warm-up steps)
+    quality_iters=16,         # training steps per model and seed for quality (same tokens for every model); the
+                              # default keeps the whole run near 10 minutes on 2 cores: raise it for real comparisons
     seeds=1,
     data_dir="",              # shards for quality; "": tinyshakespeare when present, else the stdlib corpus
-    gen_tokens=256,
+    gen_tokens=100,           # new tokens after a 16-token prompt; prompt + new must fit max_seq_len (no sliding)
     draft_len=4,
     out="",                   # directory for tables (.md), plots (.png) and runs; "": a temporary directory
     update_readme=False,      # rewrite README.md between the bench markers with these tables
@@ -373,6 +374,10 @@ def main():
     if unknown:
         raise core.UsageError(f"--what: unknown {', '.join(sorted(unknown))}; use all or a comma list of "
                               f"throughput, quality, generation, memory, data")
+    if "generation" in what and 16 + s["gen_tokens"] > s["max_seq_len"]:
+        raise core.UsageError(f"--gen_tokens={s['gen_tokens']} after a 16-token prompt does not fit "
+                              f"--max_seq_len={s['max_seq_len']}; raise max_seq_len to at least "
+                              f"{16 + s['gen_tokens']} or lower gen_tokens")
     pairs = core.model_modes()
     if s["models"] != "all":
         names = set(s["models"].split(",")) | {"gpt"}

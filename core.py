@@ -68,6 +68,8 @@ MODELS = {
     "v5": "model_v5",
     "v6": "model_v6",
     "v7_1_2": "model_v7_1_2",
+    "v8_2": "model_v8_2",
+    "chaoslogic": "model_chaoslogic",
 }
 
 

@@ -1940,6 +1940,862 @@ def test_bench_fast_path_prints_every_table_with_gpt_as_the_control(tmp_path):
     assert "| gpt | " in (tmp_path / "throughput.md").read_text() and "| 1.00 |" in (tmp_path / "throughput.md").read_text()
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000 and (tmp_path / "throughput.png").exists()
 
+# -----------------------------------------------------------------------------
+# v8.2 Crystalline (shared/spec/variants/v8_chaos.md sections 6 and 7): one test per checklist row
+
+model_v8_2 = core.load_model_module("v8_2")
+
+V8_TINY = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=2, max_seq_len=48)
+
+
+def v8_tiny(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return core.build_model("v8_2", **{**V8_TINY, **overrides}).eval()
+
+
+def v8_fit(model, steps, data, lr=3e-3, batch=8, seed=0):
+    """AdamW steps on batches from data(generator, B, T + 1). Denormals are flushed while training: confident
+    softmaxes underflow into them, and on CPU they slow these tiny runs several-fold."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    T = model.config.max_seq_len
+    torch.set_flush_denormal(True)
+    try:
+        for _ in range(steps):
+            x = data(g, batch, T + 1)
+            loss = model(x[:, :-1], targets=x[:, 1:]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_flush_denormal(False)
+    return model.eval()
+
+
+def v8_uniform(V):
+    return lambda g, B, T: torch.randint(0, V, (B, T), generator=g)
+
+
+def v8_periodic(V, period=6):
+    """Every row cycles through the same `period` tokens from a random phase: every offset is predictable."""
+    cycle = torch.arange(period) * 7 % V
+    return lambda g, B, T: cycle[(torch.randint(0, period, (B, 1), generator=g) + torch.arange(T)) % period]
+
+
+def randomize(module, std=0.3, seed=0):
+    """Give zero-initialised layers random values, so identity-at-init does not make a property trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return module
+
+
+def hebbian_inputs(B=2, H=3, T=37, Fd=4, dtype=torch.float64, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    phi_q = F.elu(torch.randn(B, H, T, Fd, generator=g, dtype=dtype)) + 1
+    phi_k = F.elu(torch.randn(B, H, T, Fd, generator=g, dtype=dtype)) + 1
+    v = torch.randn(B, H, T, Fd, generator=g, dtype=dtype) * scale
+    beta = torch.rand(B, H, T, generator=g, dtype=dtype)
+    log_decay = torch.log(torch.tensor([0.5, 0.9, 0.999], dtype=dtype)[:H])
+    return phi_q, phi_k, v, beta, log_decay
+
+
+# -----------------------------------------------------------------------------
+# Diamond coupling (6.5): inverse(forward(u)) = u; log det J = 0; identity at init
+
+def test_diamond_coupling_inverse_recovers_the_input():
+    mixer = randomize(model_v8_2.DiamondCoupling(64))
+    u = torch.randn(3, 10, 64)
+    y = mixer(u)
+    assert (y - u).abs().max().item() > 1e-2          # the couplings really act
+    assert (mixer.inverse(y) - u).abs().max().item() <= 1e-4
+
+
+def test_diamond_coupling_has_zero_log_det_jacobian():
+    mixer = randomize(model_v8_2.DiamondCoupling(8)).double()
+    u = torch.randn(8, dtype=torch.float64)
+    J = torch.autograd.functional.jacobian(mixer, u)
+    sign, logdet = torch.linalg.slogdet(J)
+    assert sign.item() == 1.0 and abs(logdet.item()) < 1e-4
+    assert (J - torch.eye(8, dtype=torch.float64)).abs().max().item() > 1e-2   # not trivially the identity
+
+
+def test_diamond_coupling_is_the_identity_at_initialisation():
+    mixer = model_v8_2.DiamondCoupling(32)
+    u = torch.randn(2, 5, 32)
+    assert (mixer(u) - u).abs().max().item() <= 1e-6
+
+
+# -----------------------------------------------------------------------------
+# Hebbian fast weights (6.4)
+
+@pytest.mark.parametrize("T,chunk", [(32, 8), (37, 8), (5, 8), (37, 64)])
+def test_hebbian_chunked_parallel_form_equals_the_recurrence_in_fp64(T, chunk):
+    phi_q, phi_k, v, beta, log_decay = hebbian_inputs(T=T)
+    g = torch.Generator().manual_seed(1)
+    state = (torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64),
+             torch.rand(2, 3, 4, generator=g, dtype=torch.float64))
+    for init in (None, state):
+        o_ref, (M_ref, z_ref) = model_v8_2.fast_weight_recurrent(phi_q, phi_k, v, beta, log_decay, init)
+        o, (M, z) = model_v8_2.fast_weight_scan(phi_q, phi_k, v, beta, log_decay, init, chunk)
+        assert (o - o_ref).abs().max().item() <= 1e-12
+        assert (M - M_ref).abs().max().item() <= 1e-12 and (z - z_ref).abs().max().item() <= 1e-12
+
+
+def test_hebbian_carried_state_over_arbitrary_pieces_equals_the_full_forward():
+    torch.manual_seed(0)
+    layer = randomize(model_v8_2.HebbianFastWeights(24, 3, chunk=8), std=0.1).eval()
+    x = torch.randn(2, 45, 24)
+    full = layer(x)
+    cache = model_v8_2.HebbianCache(2, 3, 64, 8, "cpu")
+    pieces, start = [], 0
+    for size in (7, 1, 1, 13, 2, 1, 20):          # prefill, single steps, chunks crossing chunk boundaries
+        pieces.append(layer(x[:, start:start + size], cache, start))
+        start += size
+    assert (torch.cat(pieces, 1) - full).abs().max().item() <= 1e-5
+    assert (full - x).abs().max().item() > 1e-3
+
+
+def test_hebbian_rollback_by_truncate_then_redecode_is_exact():
+    torch.manual_seed(0)
+    layer = randomize(model_v8_2.HebbianFastWeights(24, 3, chunk=8), std=0.1).eval()
+    x = torch.randn(1, 40, 24)
+    full = layer(x)
+    cache = model_v8_2.HebbianCache(1, 3, 64, 8, "cpu")
+    layer(x[:, :20], cache, 0)
+    layer(x[:, 20:25] + 1.0, cache, 20)            # rejected drafts: checkpoint moves to 20
+    cache.truncate(21)                             # keep one of them, as speculative decoding does
+    again = [layer(x[:, 20:21], cache, 20)]        # rewrite position 20 with the real token
+    layer(torch.randn(1, 6, 24), cache, 21)        # more rejected drafts...
+    cache.truncate(12)                             # ... and a rollback below the checkpoint
+    assert cache.checkpoint_pos == 0 and cache.length == 12
+    redo = layer(x[:, 12:], cache, 12)
+    assert (again[0] - full[:, 20:21]).abs().max().item() <= 1e-5
+    assert (redo - full[:, 12:]).abs().max().item() <= 1e-5
+
+
+def test_hebbian_readout_never_exceeds_the_largest_value_written():
+    phi_q, phi_k, v, beta, log_decay = hebbian_inputs(T=300, scale=100.0, dtype=torch.float32)
+    o, _ = model_v8_2.fast_weight_scan(phi_q, phi_k, v, beta, log_decay, None, 64)
+    assert o.abs().max().item() <= v.abs().max().item()
+
+
+def test_hebbian_perturbing_token_t_leaves_outputs_before_t_bit_identical():
+    torch.manual_seed(0)
+    layer = randomize(model_v8_2.HebbianFastWeights(24, 3, chunk=8), std=0.1).eval()
+    x = torch.randn(2, 40, 24)
+    ref = layer(x)
+    for t in (0, 7, 8, 21, 39):
+        y = x.clone()
+        y[:, t] += 3.0
+        out = layer(y)
+        assert torch.equal(out[:, :t], ref[:, :t])
+        assert (out[:, t] - ref[:, t]).abs().max().item() > 0
+
+
+def test_cache_bytes_count_the_hebbian_log_and_state():
+    model = v8_tiny()
+    cache = model.new_cache(1)
+    kv_only = core.Cache.nbytes(cache)
+    heb = sum(h.phi_k.nbytes + h.v.nbytes + h.beta.nbytes + h.M.nbytes + h.z.nbytes for h in cache.hebbian)
+    assert heb > 0 and cache.nbytes() == kv_only + heb
+
+
+# -----------------------------------------------------------------------------
+# Poincare embedding and distance head (6.1)
+
+NORMS = torch.logspace(-12, 4, 33)
+
+
+def test_poincare_points_stay_strictly_inside_the_ball_for_norms_1e_minus_12_to_1e4():
+    for c in (1.0, 0.5, 2.0):
+        e = F.normalize(torch.randn(33, 16), dim=-1) * NORMS[:, None]
+        p = model_v8_2.exp0(e, c)
+        assert torch.isfinite(p).all()
+        assert (math.sqrt(c) * p.norm(dim=-1) < 1).all()
+
+
+def test_poincare_log_of_exp_is_the_identity_inside_radius_3():
+    e = F.normalize(torch.randn(2000, 32), dim=-1) * torch.linspace(1e-6, 5, 2000)[:, None]
+    for c in (1.0, 2.0):
+        back = model_v8_2.log0(model_v8_2.exp0(e, c), c)
+        rel = (back - e).norm(dim=-1) / e.norm(dim=-1)
+        r = math.sqrt(c) * e.norm(dim=-1)
+        assert rel[r < 3].max().item() < 1e-5
+        assert rel[r < 5].max().item() < 1e-3
+
+
+def test_poincare_maps_have_finite_gradients_at_zero_and_at_1e4():
+    for norm in (0.0, 1e-12, 1e4):
+        e = (F.normalize(torch.randn(4, 16), dim=-1) * norm).requires_grad_()
+        x = model_v8_2.log0(model_v8_2.exp0(e))
+        (x * torch.randn_like(x)).sum().backward()
+        assert torch.isfinite(x).all() and torch.isfinite(e.grad).all()
+
+
+def test_poincare_distance_is_zero_on_the_diagonal_and_symmetric():
+    x = model_v8_2.exp0(torch.randn(20, 16) * 0.25)    # |e| ~ 1, like the head's points at init
+    y = model_v8_2.exp0(torch.randn(20, 16) * 0.5)
+    assert torch.equal(model_v8_2.poincare_distance(x, x), torch.zeros(20))
+    assert torch.equal(model_v8_2.poincare_distance(x, y), model_v8_2.poincare_distance(y, x))
+    assert (model_v8_2.poincare_distance(x, y) > 0).all()
+    D = model_v8_2.poincare_distance_matrix(x, y)   # the head's matmul form agrees with the direct one
+    assert (D - model_v8_2.poincare_distance(x[:, None], y[None])).abs().max().item() <= 1e-3
+    Dxx = model_v8_2.poincare_distance_matrix(x, x)   # its floor of 1e-12 under the root keeps gradients finite
+    assert (Dxx - Dxx.t()).abs().max().item() <= 1e-4 and Dxx.diagonal().abs().max().item() <= 1e-2
+    boundary = model_v8_2.exp0(torch.randn(20, 16) * 100)   # the direct form stays exact at the boundary too
+    assert torch.equal(model_v8_2.poincare_distance(boundary, boundary), torch.zeros(20))
+
+
+def test_hyperbolic_head_is_a_causal_cached_trainable_path():
+    model = v8_tiny(hyperbolic_head=True, horizon=4)
+    x = torch.randint(0, 96, (4, 49))
+    init_loss = model.train()(x[:, :-1], targets=x[:, 1:]).loss.item()
+    assert abs(init_loss - math.log(96)) < 0.5
+    model = v8_fit(model, 30, v8_periodic(96), lr=1e-2, batch=4)
+    assert model.hyper_log_inv_temp.grad is not None and model.hyper_bias.grad.abs().max() > 0
+    idx = v8_periodic(96)(torch.Generator().manual_seed(5), 2, 48)
+    with torch.no_grad():
+        full = model(idx)
+        loss = F.cross_entropy(full.logits[:, 8:-1].reshape(-1, 96), idx[:, 9:].reshape(-1)).item()
+        assert loss < 1.0, f"the distance head did not learn a periodic sequence (CE {loss:.2f})"
+        cache = model.new_cache(2)
+        pieces = [model(idx[:, :10], cache=cache).logits]
+        for t in range(10, 48):
+            pieces.append(model(idx[:, t:t + 1], cache=cache, start_pos=t).logits)
+        assert (torch.cat(pieces, 1) - full.logits).abs().max().item() <= 1e-4
+    prompt = idx[:1, :7]
+    assert torch.equal(model.generate(prompt, 20, temperature=0),
+                       model.generate(prompt, 20, temperature=0, speculative=True))
+
+
+# -----------------------------------------------------------------------------
+# Pell-Lucas positions (6.2, core.PellLucasPE) and block-sparse attention (6.3)
+
+def test_pell_lucas_spine_satisfies_the_recurrence():
+    q = [2] + core.pell_lucas_numbers()          # Q_0 = Q_1 = 2 (the helper lists distinct values)
+    assert q[:8] == [2, 2, 6, 14, 34, 82, 198, 478]
+    assert all(q[n] == 2 * q[n - 1] + q[n - 2] for n in range(2, len(q)))
+
+
+def test_plpe_of_a_batch_of_positions_equals_one_position_at_a_time():
+    pe = core.PellLucasPE(32)
+    for offset in (0, 5, 197, 1153, 10 ** 6):
+        pos = torch.arange(offset, offset + 40)
+        batched = pe(pos)
+        single = torch.cat([pe(pos[i:i + 1]) for i in range(40)])
+        assert torch.equal(batched, single)
+
+
+def test_plpe_gives_every_position_below_2_pow_20_its_own_code_at_d_model_16():
+    pe = core.PellLucasPE(16)
+    with torch.no_grad():
+        codes = pe(torch.arange(2 ** 20))
+    assert torch.unique(codes, dim=0).size(0) == 2 ** 20
+
+
+def test_block_sparse_mask_is_causal_and_every_query_sees_itself():
+    pos = torch.arange(512)
+    mask = core.pell_lucas_block_mask(pos, pos, 16)
+    assert not (mask & ~torch.ones(512, 512, dtype=torch.bool).tril()).any()
+    assert mask.diagonal().all()
+    assert mask.sum() < torch.ones(512, 512).tril().sum()          # it is sparse
+
+
+def test_block_sparse_with_one_huge_block_is_dense_causal():
+    pos = torch.arange(200)
+    assert torch.equal(core.pell_lucas_block_mask(pos, pos, 10 ** 6), torch.ones(200, 200, dtype=torch.bool).tril())
+
+
+def test_block_sparse_decode_rows_equal_training_rows_and_cached_decoding_is_exact():
+    block, T = 2, 48
+    pos = torch.arange(T)
+    train_mask = core.pell_lucas_block_mask(pos, pos, block)
+    for t in range(T):
+        row = core.pell_lucas_block_mask(torch.tensor([t]), torch.arange(t + 1), block)[0]
+        assert torch.equal(row, train_mask[t, :t + 1])
+    assert not torch.equal(train_mask, torch.ones(T, T, dtype=torch.bool).tril())   # differs from dense at T = 48
+    sparse = v8_fit(v8_tiny(sparse_attention=True, sparse_block=block, horizon=2), 3, v8_uniform(96), lr=1e-2)
+    dense = v8_tiny(sparse_attention=False, horizon=2)
+    dense.load_state_dict(sparse.state_dict())
+    idx = torch.randint(0, 96, (2, T), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = sparse(idx).logits
+        assert (full - dense(idx).logits).abs().max().item() > 1e-4       # the pattern is really applied
+        cache = sparse.new_cache(2)
+        pieces = [sparse(idx[:, :5], cache=cache).logits]
+        for t in range(5, T):
+            pieces.append(sparse(idx[:, t:t + 1], cache=cache, start_pos=t).logits)
+        assert (torch.cat(pieces, 1) - full).abs().max().item() <= 1e-4
+
+
+# -----------------------------------------------------------------------------
+# Hyper-Lattice (6.6)
+
+def test_lattice_grouped_gemm_equals_the_dense_reference_in_values_and_gradients():
+    torch.manual_seed(0)
+    lattice = model_v8_2.HyperLattice(32, 12, 3)
+    h = torch.randn(50, 32, requires_grad=True)
+    _, paths, probs = lattice.route(h)
+    grouped = lattice.mix(h, paths, probs)
+    dense = lattice.dense_mix(h, paths, probs)
+    assert (grouped - dense).abs().max().item() <= 1e-5
+    w = torch.randn_like(grouped)
+    g_grouped = torch.autograd.grad((grouped * w).sum(), (h, lattice.path_weight), retain_graph=True)
+    g_dense = torch.autograd.grad((dense * w).sum(), (h, lattice.path_weight))
+    for a, b in zip(g_grouped, g_dense):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_lattice_activation_memory_at_512_tokens_and_d_768_is_under_100_MB():
+    torch.manual_seed(0)
+    lattice = model_v8_2.HyperLattice(768, 48, 4)
+    params = {p.data_ptr() for p in lattice.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(1, 512, 768, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, balance, z = lattice(x)
+        (y.sum() + balance + z).backward()
+    total = sum(saved.values())
+    per_token_matrices = 512 * 4 * 768 * 768 * 4                  # the original's [S, 4, d, d] gather
+    assert total < 100 * 2 ** 20, f"{total / 2 ** 20:.1f} MB saved for backward"
+    assert total < per_token_matrices / 100
+    assert lattice.path_weight.grad.abs().max() > 0
+
+
+def test_lattice_auxiliary_losses_are_in_the_objective():
+    model = v8_tiny().train()
+    x = torch.randint(0, 96, (2, 49))
+    out = model(x[:, :-1], targets=x[:, 1:])
+    assert {"balance", "router_z", "uncertainty", "horizon", "lm"} <= set(out.aux)
+    assert out.aux["balance"].item() >= 1.0 - 1e-4            # P sum f_j Pbar_j is >= 1 ... at balance exactly 1
+    grad = torch.autograd.grad(out.aux["balance"] + out.aux["router_z"], model.lattice.router.weight)[0]
+    assert grad.abs().max() > 0
+
+
+# -----------------------------------------------------------------------------
+# feedback loop (6.6)
+
+def test_feedback_has_zero_jacobian_across_positions():
+    torch.manual_seed(0)
+    loop = randomize(model_v8_2.FeedbackLoop(16, 2), std=0.2)
+    x = torch.randn(1, 6, 16)
+    J = torch.autograd.functional.jacobian(loop, x)[0, :, :, 0]      # (T, D, T, D)
+    for t in range(6):
+        for s in range(6):
+            block = J[t, :, s]
+            assert (block.abs().max().item() == 0) == (s != t)
+
+
+def test_feedback_is_the_identity_at_initialisation():
+    loop = model_v8_2.FeedbackLoop(16, 2)
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(loop(x), x)
+
+
+# -----------------------------------------------------------------------------
+# horizon head and uncertainty (6.7)
+
+def test_horizon_label_of_position_t_and_offset_k_is_token_t_plus_k():
+    ids = torch.arange(40)[None]
+    targets = ids[:, 1:]                                          # targets[t] = ids[t + 1]
+    for k in range(1, 17):
+        label = core.horizon_targets(targets, k)[0]
+        T = targets.size(1)
+        assert torch.equal(label[:T - k + 1], torch.arange(k, T + 1))
+        assert (label[T - k + 1:] == -1).all()
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    """A tiny model after a few steps on random tokens, so zero-initialised branches are active."""
+    return v8_fit(v8_tiny(), 5, v8_uniform(96), lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def rhythmic():
+    """A tiny model trained on periodic sequences: its horizon offsets become accurate and confident."""
+    return v8_fit(v8_tiny(horizon=8), 80, v8_periodic(96), lr=1e-2, batch=4)
+
+
+@torch.no_grad()
+def test_perturbing_token_t_plus_k_leaves_every_output_at_t_unchanged(noisy):
+    idx = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(1))
+    ref = noisy(idx)
+    for t in (0, 9, 23, 40):
+        for k in (1, 2, 15):
+            if t + k >= 48:
+                continue
+            other = idx.clone()
+            other[:, t + k] = (other[:, t + k] + 5) % 96
+            out = noisy(other)
+            for field in ("logits", "horizon_hidden", "uncertainty"):
+                assert torch.equal(getattr(out, field)[:, :t + 1], getattr(ref, field)[:, :t + 1]), (t, k, field)
+
+
+def pairs(V):
+    """Even positions: a random token from the first half; odd positions: that token + V/2. Offset 1 from an
+    even position is certain, every other (position, offset) is a coin flip over V/2 tokens."""
+    def data(g, B, T):
+        first = torch.randint(0, V // 2, (B, (T + 1) // 2), generator=g)
+        return torch.stack([first, first + V // 2], -1).view(B, -1)[:, :T]
+    return data
+
+
+def spearman(a, b):
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    return torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
+
+
+def test_predicted_uncertainty_correlates_with_the_realised_loss_on_held_out_data():
+    model = v8_fit(v8_tiny(horizon=4, max_seq_len=16), 60, pairs(64), lr=1e-2, batch=16)
+    idx = pairs(64)(torch.Generator().manual_seed(9), 32, 17)
+    x, y = idx[:, :-1], idx[:, 1:]
+    with torch.no_grad():
+        out = model(x)
+        u, ce = [], []
+        for k in range(1, 5):
+            target = core.horizon_targets(y, k)
+            z = out.hidden if k == 1 else out.horizon_hidden[:, :, k - 2]
+            loss = model._offset_ce(z, target)
+            valid = target >= 0
+            u.append(out.uncertainty[..., k - 1][valid])
+            ce.append(loss[valid])
+    rho = spearman(torch.cat(u), torch.cat(ce))
+    assert rho > 0.3, f"Spearman(u, CE) = {rho:.3f}"
+
+
+def test_training_on_uniform_random_tokens_never_gets_any_offset_below_ln_V_on_fresh_data():
+    model = v8_fit(v8_tiny(), 40, v8_uniform(96), lr=3e-3)
+    held_out = torch.randint(0, 96, (96, 49), generator=torch.Generator().manual_seed(99))
+    ces = model.offset_cross_entropies(held_out[:, :-1], held_out[:, 1:])
+    assert ces.shape == (16,)
+    assert (ces >= math.log(96) - 0.01).all(), ces
+
+
+def test_v8_2_training_forward_and_backward_compile_with_fullgraph_and_match_eager():
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = v8_tiny(horizon=4, horizon_sample=1.0, max_seq_len=24).train()
+    x = torch.randint(0, 96, (2, 25), generator=torch.Generator().manual_seed(0))
+
+    def step(m):
+        out = m(x[:, :-1], targets=x[:, 1:])
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return out.loss.detach(), grads
+
+    eager_loss, eager_grads = step(model)
+    compiled_loss, compiled_grads = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert (eager_loss - compiled_loss).abs().item() <= 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(eager_grads, compiled_grads)) <= 1e-5
+
+
+def test_greedy_speculative_decoding_with_trained_horizon_heads_equals_greedy_and_accepts_drafts(rhythmic):
+    model = rhythmic
+    g = torch.Generator().manual_seed(4)
+    stats = {}
+    for prompt_len, draft_len in ((3, 2), (9, 4), (14, 7), (20, 12)):
+        prompt = v8_periodic(96)(g, 1, prompt_len)
+        plain = model.generate(prompt, 25, temperature=0)
+        spec = model.generate(prompt, 25, temperature=0, speculative=True, draft_len=draft_len, stats=stats)
+        assert torch.equal(plain, spec), (prompt_len, draft_len)
+    hist = stats["accepted_hist"]
+    assert sum(hist[3:]) > 0, f"no pass accepted 3 or more drafts: {hist}"
+
+
+@torch.no_grad()
+def test_draft_length_is_cut_at_the_first_offset_whose_predicted_loss_is_too_high(rhythmic):
+    model = rhythmic
+    default = model.config.draft_max_uncertainty
+    seq = v8_periodic(96)(torch.Generator().manual_seed(2), 1, 20)
+    out = model(seq[:, :-1])
+    u = out.uncertainty[0, -1, 1:8]
+    for threshold in sorted(set(u.tolist())) + [u.min().item() - 1.0]:
+        model.config.draft_max_uncertainty = threshold
+        drafts, q = model.draft(seq, 7, out, seq.size(1) - 2)
+        expected = int((u <= threshold).long().cumprod(0).sum())
+        if expected:
+            heads = model.readout(out.horizon_hidden[0, -1, :expected]).argmax(-1)
+            assert torch.equal(drafts, heads)
+        else:                                                   # nothing confident: prompt lookup proposes
+            assert torch.equal(drafts, core.prompt_lookup_draft(seq, 7)[0])
+    model.config.draft_max_uncertainty = default
+    assert (u <= default).all(), "the trained heads should be confident on a periodic sequence"
+
+
+def test_whole_model_prefill_then_chunks_then_single_steps_equals_the_full_forward():
+    model = v8_fit(v8_tiny(hebbian_chunk=8), 3, v8_uniform(96), lr=1e-2)   # chunks of 8: every call crosses some
+    idx = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = model(idx)
+        for pieces in ((11, 7, 1, 1, 13, 1, 9, 5), (1, 1, 30, 16)):
+            cache, start, logits, horizon = model.new_cache(2), 0, [], []
+            for size in pieces:
+                out = model(idx[:, start:start + size], cache=cache, start_pos=start)
+                logits.append(out.logits)
+                horizon.append(out.horizon_hidden)
+                start += size
+            assert (torch.cat(logits, 1) - full.logits).abs().max().item() <= 1e-5, pieces
+            assert (torch.cat(horizon, 1) - full.horizon_hidden).abs().max().item() <= 1e-5, pieces
+
+
+def test_every_horizon_offset_learns_a_periodic_sequence(rhythmic):
+    idx = v8_periodic(96)(torch.Generator().manual_seed(11), 8, 49)
+    ces = rhythmic.offset_cross_entropies(idx[:, :-1], idx[:, 1:])
+    assert ces.max().item() < 0.1, ces
+
+
+@torch.no_grad()
+def test_whole_model_perturbing_token_t_leaves_outputs_before_t_bit_identical(noisy):
+    model = noisy
+    idx = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(8))
+    ref = model(idx)
+    for t in range(1, 48, 2):
+        other = idx.clone()
+        other[:, t] = (other[:, t] + 1) % 96
+        out = model(other)
+        assert torch.equal(out.logits[:, :t], ref.logits[:, :t])
+
+# -----------------------------------------------------------------------------
+# ChaosLogic (shared/spec/variants/v8_chaos.md sections 6 and 7): one test per checklist row, plus decoding
+# with patterns, depth and real layer skipping active
+
+CL_TINY = dict(vocab_size=96, d_model=32, n_layers=4, n_heads=2, max_seq_len=48)
+# small window and blocks so the 4 patterns differ at T = 48
+CL_SPARSE = dict(window=8, sparse_block=4, n_sink=2)
+
+
+def cl_build(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return core.build_model("chaoslogic", **{**CL_TINY, **CL_SPARSE, **overrides}).eval()
+
+
+@torch.no_grad()
+def diversify(model, seed=0):
+    """Spread the task mixture and the pattern logits so that tokens and layers pick different patterns, and put
+    the depth threshold among the tokens' depths so that some tokens run the adaptive layer and some skip it."""
+    g = torch.Generator().manual_seed(seed)
+    model.task.classify.weight.mul_(300)
+    model.selector_weight.copy_(3 * torch.randn(model.selector_weight.shape, generator=g))
+    model.selector_bias.copy_(torch.randn(model.selector_bias.shape, generator=g))
+    model.task.depth_fc.weight.mul_(100)
+    model.task.depth_out.weight.mul_(100)
+    return model
+
+
+@torch.no_grad()
+def center_depth(model, idx):
+    """Move the depth bias so the adaptive layer's threshold falls in the widest gap between the tokens' depth
+    logits near the median: about half the tokens skip, and no token sits near the threshold."""
+    lo, hi = model.depth_range()
+    frac = model(idx).depth.sub(lo).div(hi - lo).clamp(1e-6, 1 - 1e-6)
+    z = torch.logit(frac.double()).flatten().sort().values
+    n = z.numel()
+    window = z[n // 4: 3 * n // 4 + 1]
+    gaps = window[1:] - window[:-1]
+    i = int(gaps.argmax())
+    cut = (window[i] + window[i + 1]) / 2
+    # threshold of adaptive layer lo + 1 in fraction space is 1 / (2 (hi - lo)) -> logit
+    thr = math.log(1 / (2 * (hi - lo)) / (1 - 1 / (2 * (hi - lo))))
+    model.task.depth_out.bias.add_(thr - float(cut))
+    return model
+
+
+@torch.enable_grad()
+def cl_fit(model, steps, data, lr=3e-3, seed=0, batch=8):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    T = model.config.max_seq_len
+    for _ in range(steps):
+        x = data(g, batch, T + 1)
+        loss = model(x[:, :-1], targets=x[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def cl_uniform(V):
+    return lambda g, B, T: torch.randint(0, V, (B, T), generator=g)
+
+
+def cl_periodic(V, period=5):
+    """Repeats of one fixed random 5-token motif, with a random phase: every future token is predictable."""
+    motif = torch.randperm(V, generator=torch.Generator().manual_seed(11))[:period]
+    return lambda g, B, T: motif[(torch.randint(0, period, (B, 1), generator=g) + torch.arange(T)) % period]
+
+
+# -----------------------------------------------------------------------------
+# latent KV cache (spec 6.8): byte ratio; decode = full
+
+def test_chaoslogic_latent_cache_is_at_least_9_9x_smaller_than_gpts_kv_cache_at_d768():
+    model_chaoslogic = core.load_model_module("chaoslogic")
+    sizes = model_chaoslogic.cache_bytes_against_gpt(768, prompt_len=16, n_layers=1, n_heads=12,
+                                                      n_lattice_layers=0)
+    (latent, state, latent_layers), (full, full_state, full_layers) = sizes["chaoslogic"], sizes["gpt"]
+    assert latent_layers == full_layers == 1 and full_state == full
+    assert latent == 16 * 154 * 4                     # only c: 16 positions x d_c = 154 x fp32
+    assert full / latent >= 9.9
+    assert state == latent + 16 * 8 + 768 * 4         # + token ids (int64) + the prefix-sum checkpoint (fp32)
+    small = model_chaoslogic.cache_bytes_against_gpt(128, prompt_len=16, n_layers=1, n_heads=2, n_lattice_layers=0)
+    print(f"\nlatent cache ratio: {full / latent:.2f}x at d768, "
+          f"{small['gpt'][0] / small['chaoslogic'][0]:.2f}x at d128 (d_c = 26)")
+
+
+@torch.no_grad()
+def test_chaoslogic_prefill_chunk_and_single_steps_equal_the_full_forward_with_patterns_and_skips_active():
+    model = cl_build()
+    idx = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(1))
+    center_depth(diversify(model), idx)
+    full = model(idx)
+    used = full.patterns.sum((0, 1, 2))
+    assert (used > 0).sum() >= 3, f"patterns in use {used.tolist()}: the test would not exercise them"
+    assert 0 < (full.exit_depth < model.n_bottom).float().mean() < 1, "want both skipping and running tokens"
+    cache = model.new_cache(2)
+    parts = [model(idx[:, :10], cache=cache, start_pos=0).logits,
+             model(idx[:, 10:17], cache=cache, start_pos=10).logits]
+    model(idx[:, 17:21].flip(1), cache=cache, start_pos=17)          # a rejected draft, then rolled back
+    cache.truncate(17)
+    parts += [model(idx[:, t:t + 1], cache=cache, start_pos=t).logits for t in range(17, 48)]
+    assert max_diff(torch.cat(parts, 1), full.logits) <= 1e-5
+
+
+# -----------------------------------------------------------------------------
+# patterns (spec 6.8, 6.10)
+
+def test_every_pattern_mask_is_causal_includes_the_diagonal_and_decoding_reads_the_same_rows():
+    model_chaoslogic = core.load_model_module("chaoslogic")
+    pos = torch.arange(200)
+    masks = model_chaoslogic.pattern_masks(pos, pos, window=8, block=4, n_sink=2)    # (4, 200, 200)
+    causal = torch.ones(200, 200, dtype=torch.bool).tril()
+    assert not (masks & ~causal).any()
+    assert masks[:, pos, pos].all()
+    assert torch.equal(masks[0], causal)
+    assert len({m.sum().item() for m in masks}) == 4                    # four different patterns
+    rows = model_chaoslogic.pattern_masks(torch.arange(120, 131), torch.arange(131), 8, 4, 2)
+    assert torch.equal(rows, masks[:, 120:131, :131])
+
+
+@torch.no_grad()
+def test_eval_attention_row_t_uses_exactly_the_chosen_patterns_row_t():
+    model_chaoslogic = core.load_model_module("chaoslogic")
+    model = cl_build()
+    attn = model.bottom[0].attn
+    u = torch.randn(2, 40, 32)
+    pos = torch.arange(40)
+    masks = model_chaoslogic.pattern_masks(pos, pos, 8, 4, 2)
+    choice = torch.randint(0, 4, (2, 40), generator=torch.Generator().manual_seed(0))
+    built = masks[choice, pos]                                           # the eval path's mask
+    for b in range(2):
+        for t in range(40):
+            assert torch.equal(built[b, t], masks[choice[b, t], t])
+    mixed = attn(u, choice, masks)                                       # eval: one SDPA with the built mask
+    per_pattern = [attn(u, F.one_hot(torch.full((2, 40), p), 4).float(), masks) for p in range(4)]
+    expected = torch.stack(per_pattern, 2).gather(2, choice[:, :, None, None].expand(-1, -1, 1, 32))[:, :, 0]
+    assert max_diff(mixed, expected) <= 1e-6
+
+
+def test_gumbel_selector_is_exactly_one_hot_in_training_with_gradient_and_deterministic_in_eval():
+    model = diversify(cl_build()).train()
+    idx = torch.randint(0, 96, (2, 49), generator=torch.Generator().manual_seed(2))
+    out = model(idx[:, :-1], targets=idx[:, 1:])
+    rows = out.patterns
+    assert torch.equal(rows.sum(-1), torch.ones_like(rows.sum(-1)))
+    assert torch.equal(rows, (rows == 1).float())                        # exactly 0 / 1, no rounding residue
+    out.aux["lm"].backward()                                             # next-token CE alone
+    assert model.selector_weight.grad.abs().max() > 0 and model.selector_bias.grad.abs().max() > 0
+    model.eval()
+    with torch.no_grad():
+        first, second = model(idx[:, :-1]), model(idx[:, :-1])
+    assert torch.equal(first.logits, second.logits) and torch.equal(first.patterns, second.patterns)
+
+
+# -----------------------------------------------------------------------------
+# task analyzer, depth, lattice gates (spec 6.9)
+
+@torch.no_grad()
+def test_pattern_choice_depth_and_gates_at_t_are_unchanged_when_later_tokens_change():
+    model = cl_build()
+    idx = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(3))
+    center_depth(diversify(model), idx)
+    ref = model(idx)
+    for t in (0, 5, 17, 30, 46):
+        perturbed = idx.clone()
+        perturbed[:, t + 1:] = (perturbed[:, t + 1:] + 7) % 96
+        out = model(perturbed)
+        for field in ("patterns", "depth", "exit_depth", "lattice_gates", "confidence", "logits", "horizon_hidden"):
+            assert torch.equal(getattr(ref, field)[:, :t + 1], getattr(out, field)[:, :t + 1]), field
+
+
+def test_the_next_token_loss_alone_sends_a_gradient_to_the_depth_head():
+    model = cl_build().train()
+    assert model.n_bottom - model.n_always >= 1
+    idx = torch.randint(0, 96, (2, 49), generator=torch.Generator().manual_seed(4))
+    model(idx[:, :-1], targets=idx[:, 1:]).aux["lm"].backward()
+    for p in model.task.parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0
+
+
+@torch.no_grad()
+def test_real_layer_skipping_in_decoding_equals_the_hard_gated_full_forward():
+    model = cl_build()
+    idx = torch.randint(0, 96, (1, 48), generator=torch.Generator().manual_seed(5))
+    center_depth(diversify(model), idx)
+    model.skipped_layer_calls = 0
+    full = model(idx)
+    assert model.skipped_layer_calls == 0          # mixed depths: the full forward runs the layer, gated by 0/1
+    skips = (full.exit_depth[0] < model.n_bottom).nonzero().flatten()
+    assert 0 < skips.numel() < 48
+    cache = model.new_cache(1)
+    steps = [model(idx[:, :1], cache=cache, start_pos=0).logits]
+    steps += [model(idx[:, t:t + 1], cache=cache, start_pos=t).logits for t in range(1, 48)]
+    assert model.skipped_layer_calls == skips.numel()  # each skipping token really skipped the layer's branch
+    assert max_diff(torch.cat(steps, 1), full.logits) <= 1e-5
+
+
+# -----------------------------------------------------------------------------
+# whole model: random tokens, compile
+
+def test_random_token_training_keeps_next_and_every_horizon_ce_at_least_ln_V_on_fresh_data():
+    model = cl_fit(cl_build(), 40, cl_uniform(96), lr=3e-3)
+    held_out = torch.randint(0, 96, (8, 49), generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        out = model(held_out[:, :-1], targets=held_out[:, 1:])
+    ces = {k: v.item() for k, v in out.aux.items() if k == "lm" or k.startswith("ce_")}
+    assert len(ces) == model.config.horizon
+    assert min(ces.values()) >= math.log(96) - 0.01, ces
+    # kappa learns that nothing here is predictable (accuracy ~ 1/96)
+    kappa = out.confidence[:, :-8]
+    print(f"\nrandom tokens: CE {min(ces.values()):.3f}..{max(ces.values()):.3f} (ln V = {math.log(96):.3f}); "
+          f"mean kappa {kappa.mean().item():.3f} (0.5 at init)")
+    assert kappa.mean() < 0.3
+
+
+def test_chaoslogic_training_forward_and_backward_compile_with_fullgraph_and_match_eager():
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = cl_build(n_layers=2).train()
+    idx = torch.randint(0, 96, (2, 33), generator=torch.Generator().manual_seed(6))
+    x, y = idx[:, :-1], idx[:, 1:]
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        torch.manual_seed(7)                      # the same Gumbel noise in both runs
+        loss = fn(x, targets=y).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    eager_loss, eager_grads = loss_and_grads(model)
+    loss, grads = loss_and_grads(compiled)
+    assert abs(loss.item() - eager_loss.item()) <= 1e-5
+    assert max(max_diff(a, b) for a, b in zip(grads, eager_grads)) <= 1e-5
+
+
+# -----------------------------------------------------------------------------
+# horizon (spec 6.7) and speculative decoding (6.13)
+
+def test_horizon_label_of_t_and_k_is_token_t_plus_k():
+    ids = torch.arange(40)[None]
+    x, y = ids[:, :-1], ids[:, 1:]
+    for k in range(1, 9):
+        target = core.horizon_targets(y, k)
+        t = torch.arange(x.size(1))
+        valid = t + k < ids.size(1)
+        assert torch.equal(target[0, valid], t[valid] + k)
+        assert (target[0, ~valid] == -1).all()
+
+
+@torch.no_grad()
+def test_perturbing_token_t_plus_k_leaves_every_head_at_t_unchanged():
+    model = cl_fit(cl_build(), 5, cl_uniform(96), lr=1e-2)
+    idx = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(8))
+    ref = model(idx)
+    for t in (3, 20):
+        for k in range(1, 9):
+            perturbed = idx.clone()
+            perturbed[:, t + k] = (perturbed[:, t + k] + 1) % 96
+            out = model(perturbed)
+            assert torch.equal(out.logits[:, t], ref.logits[:, t])
+            assert torch.equal(out.horizon_hidden[:, t], ref.horizon_hidden[:, t])
+            assert torch.equal(out.confidence[:, t], ref.confidence[:, t])
+
+
+def test_periodic_training_gives_confident_accepted_head_drafts_and_speculative_equals_greedy():
+    model_chaoslogic = core.load_model_module("chaoslogic")
+    model = cl_fit(cl_build(), 150, cl_periodic(96), lr=1e-2)
+    data = cl_periodic(96)(torch.Generator().manual_seed(123), 4, 49)
+    with torch.no_grad():
+        out = model(data[:, :-1], targets=data[:, 1:])
+    assert all(v.item() < 0.1 for k, v in out.aux.items() if k == "lm" or k.startswith("ce_")), out.aux
+    # drafts come from the horizon heads (not the prompt-lookup fallback) and are confident
+    prompt = data[:1, :12]
+    prev = model(prompt[:, :-1])
+    drafts, q = model.draft(prompt, 6, prev, prompt.size(1) - 2)
+    heads = F.linear(prev.horizon_hidden[0, -1, :6], model.wte.weight).argmax(-1)
+    assert q is None and drafts.numel() == 6 and torch.equal(drafts, heads)
+    stats = {}
+    plain = model.generate(prompt, 30, temperature=0)
+    spec = model.generate(prompt, 30, temperature=0, speculative=True, draft_len=6, stats=stats)
+    assert torch.equal(plain, spec)
+    accepted = sum(n * c for n, c in enumerate(stats["accepted_hist"]))
+    assert accepted >= 20, stats
+    # calibration of kappa on held-out windows of the same process and on random tokens
+    hits, valid = [], []
+    y = data[:, 1:]
+    hits.append(out.logits.argmax(-1) == y)
+    for j in range(out.horizon_hidden.size(2)):
+        hits.append(F.linear(out.horizon_hidden[:, :, j], model.wte.weight).argmax(-1) == core.horizon_targets(y, j + 2))
+    hits = torch.stack(hits, -1)
+    valid = torch.stack([core.horizon_targets(y, k) >= 0 for k in range(1, 9)], -1)
+    ece = model_chaoslogic.expected_calibration_error(out.confidence[valid], hits[valid])
+    print(f"\nperiodic task: {accepted} drafts accepted in {stats['model_calls']} calls; ECE of kappa {ece:.3f}; "
+          f"mean kappa {out.confidence[valid].mean().item():.3f} vs accuracy {hits[valid].float().mean().item():.3f}")
+    assert ece < 0.1
+
+
+@torch.no_grad()
+def test_draft_stops_at_the_first_unconfident_offset_and_falls_back_to_prompt_lookup():
+    model = cl_fit(cl_build(), 5, cl_uniform(96), lr=1e-2)
+    prompt = torch.tensor([[1, 2, 3, 4, 1, 2, 3]])
+    prev = model(prompt[:, :-1])
+    heads = F.linear(prev.horizon_hidden[0, -1, :4], model.wte.weight).argmax(-1)
+    threshold = model.config.draft_min_confidence
+    prev.confidence[0, -1, 1:5] = torch.tensor([0.9, 0.9, threshold / 2, 0.9])    # offsets 2..5
+    drafts, _ = model.draft(prompt, 4, prev, prompt.size(1) - 2)
+    assert torch.equal(drafts, heads[:2])
+    prev.confidence[0, -1, 1] = threshold / 2                                      # offset 2 already unconfident
+    drafts, _ = model.draft(prompt, 4, prev, prompt.size(1) - 2)
+    assert torch.equal(drafts, core.prompt_lookup_draft(prompt, 4)[0])
+
+
+@torch.no_grad()
+def test_truncating_below_the_prefix_sum_checkpoint_recomputes_it_from_the_cached_tokens():
+    model = center_depth(diversify(cl_build()), torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(3)))
+    idx = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(4))
+    full = model(idx)
+    cache = model.new_cache(2)
+    model(idx[:, :30], cache=cache)
+    model(idx[:, 30:34], cache=cache, start_pos=30)         # the checkpoint moves to 30
+    cache.truncate(12)                                        # below it: the sum restarts from the token ids
+    assert cache.sum_pos == 0 and cache.length == 12
+    again = torch.cat([model(idx[:, 12:20], cache=cache, start_pos=12).logits]
+                      + [model(idx[:, t:t + 1], cache=cache, start_pos=t).logits for t in range(20, 48)], 1)
+    assert max_diff(again, full.logits[:, 12:]) <= 1e-5
+    assert cache.sum_pos == 47
+
 
 if __name__ == "__main__":
     class Count:

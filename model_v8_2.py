@@ -1,0 +1,791 @@
+"""HST v8.2 Crystalline: the causal redesign of shared/spec/variants/v8_chaos.md section 6 ("v8.2-R", 6.11).
+
+What it combines, bottom to top:
+- Poincare token embedding (6.1): the table holds tangent vectors at the origin, mapped into the ball by exp_0 and
+  back by log_0 (fp32, safe clamps), x_0 = sqrt(d) log_0(exp_0(e_id)) + PLPE(pos). `hyperbolic_head=True` gives the
+  ball a real role: the tied head scores tokens by Poincare distance, -d_c(exp_0(W_p h), exp_0(e_v)) / T + b_v.
+- Pell-Lucas positional encoding (6.2, core.PellLucasPE) and, with `sparse_attention=True`, the causal Pell-Lucas
+  block-sparse mask (6.3, core.pell_lucas_block_mask), used identically by training and cached decoding.
+- n_layers // 2 bottom blocks [pre-norm attention -> Diamond coupling -> causal Hebbian fast weights], then the
+  Hyper-Lattice (routed linear paths), the feedback loop, the remaining top blocks, LN_f and the tied head.
+- Diamond Mixer (6.5) as an exact additive coupling (NICE / RevNet, Dinh et al. 2015, Gomez et al. 2017): split,
+  orthogonal butterfly, w' = w + F(z), z' = z + G(w'), inverse butterfly. A bijection with unit Jacobian
+  determinant and an `inverse`; F and G end in zero-initialised layers, so it starts as the identity.
+- Hebbian fast weights (6.4): the fast-weight programmer / linear attention of Schlag et al. 2021 with a
+  per-head decay and a normaliser, so o_t is a convex combination of past values. Training uses the exact
+  chunked-parallel form; decoding carries the (M, z) state, so the layer keeps learning inside a context.
+- Hyper-Lattice (6.6): y = x + W_o sum_{j in top-k} p_j (LN(x) W_j) over P routed d x d paths, computed as one
+  grouped GEMM over (token, path) pairs sorted by path (torch._grouped_mm behind a custom op with its own
+  autograd, so it compiles), never a d x d matrix per token; Switch load-balance and router z-loss auxiliaries.
+- Feedback loop (6.6): two fixed GRU refinement steps per token, input anchored to LN(x_t), zero-initialised
+  output, so it starts as the identity and never mixes positions.
+- Horizon head (6.7): offsets k = 2..H as rank-r adapters h + U_k V_k^T LN(h) read by the tied head, at every
+  position (offsets >= 2 train on a random `horizon_sample` share of positions, a static count, one offset's
+  logits alive at a time); a calibrated uncertainty u_{t,k} = softplus(MLP(LN h_t)) regresses the realised loss
+  of offset k and cuts the self-speculative draft length.
+
+What it does differently from the original (v8_chaos.md sections 1 and 5):
+- Everything is causal (the original Hebbian layer summed over future tokens), training = decoding (the Hebbian
+  state is carried and rolled back exactly), no clamped positions (the original clamped at 511).
+- The mixer is really invertible (the original was a GELU FFN with a post-LN), the embedding really uses the
+  ball (the original L2-normalised to 0.999), the lattice fits in memory (the original gathered [B,S,4,d,d]),
+  the horizon head is 1.6 M parameters at d = 768 instead of 787 M and is trained at every position.
+- Small liberties, each for a stated reason: the Hebbian write strength beta reads LN(x) like q, k, v (pre-norm
+  everywhere, 6.0); the uncertainty probe reads a detached h, so predicting the loss never reshapes the trunk;
+  when u cuts every draft, `draft` falls back to prompt lookup (free to try, still verified losslessly).
+- No document-id masking (6.0 "Layout"): this repo trains every model on nanoGPT-style windows without document
+  ids, so attention, fast weights and horizon targets run across <|endoftext|> like every other model here.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+import core
+
+POINCARE_EPS = 1e-5       # points stay at sqrt(c) |p| <= 1 - eps: strictly inside the ball in fp32
+UNCERTAINTY_HIDDEN = 64   # width of the uncertainty MLP d -> 64 -> H (6.7)
+
+
+# -----------------------------------------------------------------------------
+# Poincare ball (6.1), all in fp32
+
+def _safe_norm(x):
+    """|x| with a floor of 1e-15 applied before the square root, so the gradient at x = 0 is finite (zero)."""
+    return (x * x).sum(-1, keepdim=True).clamp_min(1e-30).sqrt()
+
+
+def exp0(e, c=1.0):
+    """Tangent vector at the origin -> point of the ball: tanh(sqrt(c)|e|) e / (sqrt(c)|e|). The tanh is capped at
+    1 - eps, which is the spec's rescale to norm (1 - eps)/sqrt(c) written without a second norm."""
+    sc, n = math.sqrt(c), _safe_norm(e)
+    return torch.tanh(sc * n).clamp(max=1 - POINCARE_EPS) / (sc * n) * e
+
+
+def exp0_gap(e, c=1.0):
+    """1 - c|exp0(e)|^2 (..., 1), from the tangent norm: sech^2(sqrt(c)|e|) = 4 sigmoid(2a) sigmoid(-2a), floored
+    at the cap's 1 - (1 - eps)^2. Near the boundary 1 - c|p|^2 computed from p's coordinates loses most of its
+    digits (1 - 0.99999^2 in fp32); this keeps them, so the distance head is as accurate there as inside."""
+    a = 2 * math.sqrt(c) * _safe_norm(e)
+    return (4 * torch.sigmoid(a) * torch.sigmoid(-a)).clamp_min(POINCARE_EPS * (2 - POINCARE_EPS))
+
+
+def log0(p, c=1.0):
+    """Point of the ball -> tangent vector at the origin: artanh(min(sqrt(c)|p|, 1 - eps)) p / (sqrt(c)|p|)."""
+    sc, n = math.sqrt(c), _safe_norm(p)
+    return torch.atanh((sc * n).clamp(max=1 - POINCARE_EPS)) / (sc * n) * p
+
+
+def poincare_distance(x, y, c=1.0):
+    """d_c(x, y) = (2/sqrt(c)) artanh(sqrt(c)|x - y| / sqrt(1 - 2c<x,y> + c^2 |x|^2 |y|^2)), element-wise over the
+    broadcast leading axes. The difference is formed directly, so d(x, x) is exactly 0 (the acosh form is not)."""
+    sc = math.sqrt(c)
+    diff = ((x - y) ** 2).sum(-1).sqrt()
+    denom = (1 - 2 * c * (x * y).sum(-1) + c * c * (x * x).sum(-1) * (y * y).sum(-1)).clamp_min(1e-30).sqrt()
+    return 2 / sc * torch.atanh((sc * diff / denom).clamp(max=1 - POINCARE_EPS))
+
+
+def poincare_distance_matrix(x, y, c=1.0, gap_x=None, gap_y=None):
+    """x (N, D), y (V, D) -> (N, V) distances with one N x D x V matmul, in the equivalent acosh form
+    d = acosh(1 + q) / sqrt(c), q = 2c|x - y|^2 / ((1 - c|x|^2)(1 - c|y|^2)), written as log1p(q + sqrt(q(q + 2))).
+    For distant points (the bulk of a vocabulary) it is far better conditioned than the artanh form, whose argument
+    sits next to 1: the matmul's rounding, which differs between a batch and a single row, stays ~1e-7 relative.
+    gap_x (N, 1), gap_y (V, 1): 1 - c|.|^2 from exp0_gap where the points came from exp0 (more accurate).
+    q is floored at 1e-12 so the square root keeps a finite gradient where rounding makes |x - y|^2 <= 0."""
+    xx, yy, xy = (x * x).sum(-1, keepdim=True), (y * y).sum(-1)[None], x @ y.t()
+    gap_x = 1 - c * xx if gap_x is None else gap_x
+    gap_y = 1 - c * yy if gap_y is None else gap_y.t()
+    gap = gap_x * gap_y
+    q = (2 * c * (xx + yy - 2 * xy) / gap).clamp_min(1e-12)
+    return torch.log1p(q + torch.sqrt(q * (q + 2))) / math.sqrt(c)
+
+
+# -----------------------------------------------------------------------------
+# attention (6.3): core's dense causal attention, or the causal Pell-Lucas block-sparse pattern
+
+class PellLucasSelfAttention(core.CausalSelfAttention):
+    """Query block i reads key block j iff i - j in {0, 1} U {Q_n} or j = 0, inside the token-level causal mask.
+    The mask is a function of absolute positions only, so a decoding call builds exactly the training rows."""
+
+    def __init__(self, d_model, n_heads, block, bias=False, dropout=0.0):
+        super().__init__(d_model, n_heads, bias, dropout)
+        self.block = block
+
+    def forward(self, x, kv_cache=None, start_pos=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        if kv_cache is not None:
+            k, v = kv_cache.update(start_pos, k, v)                                  # (B, nh, start_pos + T, hd)
+        q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
+        mask = core.pell_lucas_block_mask(q_pos, torch.arange(k.size(2), device=x.device), self.block)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
+# -----------------------------------------------------------------------------
+# Diamond Mixer as an exact additive coupling (6.5)
+
+class CouplingMLP(nn.Module):
+    """LN(d/2) -> Linear(d/2 -> 2d) -> GELU -> Linear(2d -> d/2); the last layer starts at zero."""
+
+    def __init__(self, d_model, bias=False):
+        super().__init__()
+        half = d_model // 2
+        self.ln = core.LayerNorm(half, bias)
+        self.fc = nn.Linear(half, 2 * d_model, bias=bias)
+        self.proj = nn.Linear(2 * d_model, half, bias=bias)
+        nn.init.zeros_(self.proj.weight)   # the coupling starts as the identity (Model re-zeros it after init)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(self.ln(x)), approximate="tanh"))
+
+
+class DiamondCoupling(nn.Module):
+    """u = [a; b] -> butterfly z = (a+b)/sqrt2, w = (b-a)/sqrt2 ("synthesis / analysis") -> w' = w + F(z),
+    z' = z + G(w') -> [(z'-w')/sqrt2; (z'+w')/sqrt2]. Each coupling adds a function of the other half only, so the
+    Jacobian is unit-triangular in the butterfly basis and the butterfly is orthogonal: det J = 1 exactly."""
+
+    def __init__(self, d_model, bias=False):
+        super().__init__()
+        self.F = CouplingMLP(d_model, bias)
+        self.G = CouplingMLP(d_model, bias)
+
+    @staticmethod
+    def _butterfly(a, b):
+        return (a + b) / math.sqrt(2), (b - a) / math.sqrt(2)
+
+    def forward(self, u):
+        z, w = self._butterfly(*u.chunk(2, -1))
+        w = w + self.F(z)
+        z = z + self.G(w)
+        return torch.cat([(z - w) / math.sqrt(2), (z + w) / math.sqrt(2)], -1)
+
+    def inverse(self, y):
+        z, w = self._butterfly(*y.chunk(2, -1))
+        z = z - self.G(w)
+        w = w - self.F(z)
+        return torch.cat([(z - w) / math.sqrt(2), (z + w) / math.sqrt(2)], -1)
+
+
+# -----------------------------------------------------------------------------
+# causal Hebbian fast weights (6.4)
+#
+# M_t = lam M_{t-1} + beta_t phi(k_t) v_t^T, z_t = lam z_{t-1} + beta_t phi(k_t), o_t = M_t^T phi(q_t) / (z_t^T phi(q_t)
+# + 1e-6): every weight beta_s lam^(t-s) phi(q_t).phi(k_s) is >= 0, so o_t is a (sub-)convex combination of v_{<=t}.
+# Decay powers are formed as exp(n log lam) with n >= 0 only: no lam^(-s) that could overflow.
+
+def fast_weight_state(phi_k, v, beta, log_decay, state=None):
+    """The state after the given tokens, directly: M = lam^T M_0 + sum_s lam^(T-1-s) beta_s phi(k_s) v_s^T.
+    phi_k, v (B, H, T, F), beta (B, H, T), log_decay (H,), state (M (B, H, F, F), z (B, H, F)) or None."""
+    T = phi_k.size(2)
+    steps = torch.arange(T - 1, -1, -1, device=phi_k.device, dtype=phi_k.dtype)            # T-1-s
+    weight = torch.exp(steps * log_decay[:, None])[None] * beta                             # (B, H, T)
+    M = torch.einsum("bhs,bhsf,bhsg->bhfg", weight, phi_k, v)
+    z = torch.einsum("bhs,bhsf->bhf", weight, phi_k)
+    if state is not None:
+        carry = torch.exp(T * log_decay)[None, :, None]
+        M, z = M + carry[..., None] * state[0], z + carry * state[1]
+    return M, z
+
+
+def fast_weight_scan(phi_q, phi_k, v, beta, log_decay, state=None, chunk=64):
+    """Exact chunked-parallel form of the recurrence: inside a chunk of C tokens the kernel
+    (phi(Q) phi(K)^T * D) V with D_ts = beta_s lam^(t-s) [s <= t]; between chunks the (M, z) at each chunk start,
+    from a decayed sum over earlier chunks (one small (n x n) matrix, no loop). T need not be a multiple of C: the
+    tail is padded with beta = 0, which writes nothing. Returns o (B, H, T, F) and the state after the T tokens."""
+    B, H, T, Fd = phi_q.shape
+    C = min(chunk, T)
+    n = -(-T // C)
+    pad = n * C - T
+    # contiguous first: a zero pad of a strided input keeps its strides in eager but not in the compiler's
+    # fake tensors, and the reshape below would then be traced as an invalid view
+    q, k, vv = (F.pad(t.contiguous(), (0, 0, 0, pad)).reshape(B, H, n, C, Fd) for t in (phi_q, phi_k, v))
+    b = F.pad(beta.contiguous(), (0, pad)).reshape(B, H, n, C)
+    ld = log_decay.to(phi_q.dtype)
+    i = torch.arange(C, device=phi_q.device)
+    rel = (i[:, None] - i[None, :]).to(phi_q.dtype)                                         # t - s inside a chunk
+    intra = torch.where(rel >= 0, torch.exp(rel.clamp_min(0) * ld[:, None, None]), 0.0)     # (H, C, C)
+    A = (q @ k.transpose(-1, -2)) * intra[None, :, None] * b[:, :, :, None, :]              # (B, H, n, C, C)
+    num, den = A @ vv, A.sum(-1)                                                            # (B, H, n, C, F), (.., C)
+    # chunk summaries: what chunk c adds to the state at its end
+    to_end = torch.exp((C - 1 - i).to(phi_q.dtype) * ld[:, None])[None, :, None] * b       # (B, H, n, C)
+    dM = torch.einsum("bhnc,bhncf,bhncg->bhnfg", to_end, k, vv)
+    dz = torch.einsum("bhnc,bhncf->bhnf", to_end, k)
+    c = torch.arange(n, device=phi_q.device)
+    gap = (c[:, None] - 1 - c[None, :]).to(phi_q.dtype)                                     # chunks between c' and c
+    across = torch.where(gap >= 0, torch.exp(gap.clamp_min(0) * C * ld[:, None, None]), 0.0)  # (H, n, n)
+    M_start = torch.einsum("hnm,bhmfg->bhnfg", across, dM)
+    z_start = torch.einsum("hnm,bhmf->bhnf", across, dz)
+    if state is not None:
+        carry = torch.exp(c.to(phi_q.dtype) * C * ld[:, None])[None]                        # (1, H, n)
+        M_start = M_start + carry[..., None, None] * state[0][:, :, None]
+        z_start = z_start + carry[..., None] * state[1][:, :, None]
+    q_decayed = q * torch.exp((i + 1).to(phi_q.dtype) * ld[:, None])[None, :, None, :, None]
+    num = num + q_decayed @ M_start
+    den = den + (q_decayed * z_start[:, :, :, None]).sum(-1)
+    o = (num / (den[..., None] + 1e-6)).reshape(B, H, n * C, Fd)[:, :, :T]
+    return o, fast_weight_state(phi_k, v, beta, ld, state)
+
+
+def fast_weight_recurrent(phi_q, phi_k, v, beta, log_decay, state=None):
+    """The recurrence one token at a time: the reference the chunked form is tested against."""
+    B, H, T, Fd = phi_q.shape
+    lam = torch.exp(log_decay.to(phi_q.dtype))[None, :, None]
+    M, z = state if state is not None else (phi_q.new_zeros(B, H, Fd, Fd), phi_q.new_zeros(B, H, Fd))
+    out = []
+    for t in range(T):
+        kt = beta[:, :, t, None] * phi_k[:, :, t]
+        M = lam[..., None] * M + kt[..., None] * v[:, :, t, None, :]
+        z = lam * z + kt
+        qt = phi_q[:, :, t]
+        out.append((qt[..., None] * M).sum(-2) / ((qt * z).sum(-1, keepdim=True) + 1e-6))
+    return torch.stack(out, 2), (M, z)
+
+
+class HebbianCache:
+    """Decoding state of one Hebbian layer, rolled back exactly and cheaply. By absolute position, like a KV
+    cache: phi(k), v and beta of every token (so truncate(n) only moves `length`), plus ONE checkpoint (M, z) of the
+    state before position `checkpoint_pos`. A call at start_pos s advances the checkpoint to s from the logged
+    tokens and then moves it to s, the START of the call: speculative decoding truncates to at least s + 1
+    afterwards, so the checkpoint stays valid. A truncate below it resets it to position 0 with a zero state."""
+
+    def __init__(self, batch_size, n_heads, max_len, head_dim, device):
+        f32 = dict(device=device, dtype=torch.float32)
+        self.phi_k = torch.zeros(batch_size, n_heads, max_len, head_dim, **f32)
+        self.v = torch.zeros(batch_size, n_heads, max_len, head_dim, **f32)
+        self.beta = torch.zeros(batch_size, n_heads, max_len, **f32)
+        self.M = torch.zeros(batch_size, n_heads, head_dim, head_dim, **f32)
+        self.z = torch.zeros(batch_size, n_heads, head_dim, **f32)
+        self.checkpoint_pos = 0
+        self.length = 0
+
+    def state_at(self, s, log_decay):
+        """(M, z) after tokens 0..s-1, from the checkpoint and the logged tokens between it and s."""
+        if s > self.length:
+            raise RuntimeError(f"Hebbian state requested at {s}, but only {self.length} positions are logged")
+        if s < self.checkpoint_pos:
+            self.reset_checkpoint()
+        P = self.checkpoint_pos
+        if s == P:
+            return self.M, self.z
+        return fast_weight_state(self.phi_k[:, :, P:s], self.v[:, :, P:s], self.beta[:, :, P:s], log_decay,
+                                 (self.M, self.z))
+
+    def write(self, start_pos, phi_k, v, beta, state):
+        T = phi_k.size(2)
+        if start_pos + T > self.phi_k.size(2):
+            raise RuntimeError(f"Hebbian cache holds {self.phi_k.size(2)} positions; writing {T} at {start_pos} "
+                               f"overflows it")
+        self.phi_k[:, :, start_pos:start_pos + T] = phi_k
+        self.v[:, :, start_pos:start_pos + T] = v
+        self.beta[:, :, start_pos:start_pos + T] = beta
+        self.length = start_pos + T
+        self.M, self.z, self.checkpoint_pos = state[0], state[1], start_pos
+
+    def reset_checkpoint(self):
+        self.M, self.z, self.checkpoint_pos = torch.zeros_like(self.M), torch.zeros_like(self.z), 0
+
+    def truncate(self, n):
+        self.length = min(self.length, n)
+        if n < self.checkpoint_pos:
+            self.reset_checkpoint()
+
+    def nbytes(self):
+        return sum(t.nelement() * t.element_size() for t in (self.phi_k, self.v, self.beta, self.M, self.z))
+
+
+class HebbianFastWeights(nn.Module):
+    """y_t = x_t + W_o(sigmoid(W_g h_t) * o_t), h = LN(x); heads = n_heads with d_f = head_dim; q, k, v = W h;
+    phi = elu + 1 on q/sqrt(d_f), k/sqrt(d_f); write strength beta_t = sigmoid(w_beta h_t + b) per head; decay
+    lam_h = sigmoid(theta_h), log-spaced in [0.9, 0.999] at init (time constants 10..1000 tokens)."""
+
+    def __init__(self, d_model, n_heads, chunk, bias=False):
+        super().__init__()
+        self.n_heads, self.head_dim, self.chunk = n_heads, d_model // n_heads, chunk
+        self.ln = core.LayerNorm(d_model, bias)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.write_strength = nn.Linear(d_model, n_heads)
+        lam = torch.logspace(math.log10(0.9), math.log10(0.999), n_heads) if n_heads > 1 else torch.tensor([0.99])
+        self.decay_logit = nn.Parameter(torch.log(lam / (1 - lam)))
+        self.gate = nn.Linear(d_model, d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def features(self, x):
+        """x (B, T, D) -> h, phi(q), phi(k), v (B, H, T, F) and beta (B, H, T), fp32 (C4: fast-weight states)."""
+        B, T, D = x.shape
+        h = self.ln(x)
+        q, k, v = (t.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2).float().contiguous()
+                   for t in self.qkv(h).split(D, dim=2))
+        scale = self.head_dim ** -0.5
+        beta = torch.sigmoid(self.write_strength(h).float()).transpose(1, 2)
+        return h, F.elu(q * scale) + 1, F.elu(k * scale) + 1, v, beta
+
+    def log_decay(self):
+        return F.logsigmoid(self.decay_logit.float())
+
+    def forward(self, x, cache=None, start_pos=0):
+        B, T, D = x.shape
+        h, phi_q, phi_k, v, beta = self.features(x)
+        with torch.autocast(x.device.type, enabled=False):   # C4: fast-weight states and decay powers in fp32
+            log_decay = self.log_decay()
+            state = None if cache is None else cache.state_at(start_pos, log_decay)
+            o, _ = fast_weight_scan(phi_q, phi_k, v, beta, log_decay, state, self.chunk)  # (B, H, T, F)
+        if cache is not None:
+            cache.write(start_pos, phi_k, v, beta, state)
+        o = o.transpose(1, 2).reshape(B, T, D).to(x.dtype)
+        return x + self.proj(torch.sigmoid(self.gate(h)) * o)
+
+
+# -----------------------------------------------------------------------------
+# Hyper-Lattice: routed linear paths as one grouped GEMM (6.6)
+#
+# torch._grouped_mm multiplies row segment j of `rows` by weight[j]; it has no fp32 meta kernel for torch.compile
+# and its autograd fails on expanded gradients, so it sits behind a custom op with its own fake and backward. On
+# inputs it does not support (fp64, CUDA before sm90) the op runs the same segments one matmul at a time.
+
+def _native_grouped_ok(x):
+    return x.dtype in (torch.float32, torch.bfloat16) and (
+        x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16
+                                   and torch.cuda.get_device_capability(x.device)[0] >= 9))
+
+
+def _segments(offs):
+    ends = offs.tolist()
+    return zip([0] + ends[:-1], ends)
+
+
+@torch.library.custom_op("hst_v8_2::grouped_mm", mutates_args=())
+def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """rows (N, Din) sorted by group, weight (G, Din, Dout), offs (G,) int32 cumulative counts -> (N, Dout)."""
+    weight = weight.to(rows.dtype)
+    if _native_grouped_ok(rows):
+        return torch._grouped_mm(rows.contiguous(), weight.contiguous(), offs=offs)
+    out = rows.new_zeros(rows.size(0), weight.size(-1))
+    for j, (s, e) in enumerate(_segments(offs)):
+        out[s:e] = rows[s:e] @ weight[j]
+    return out
+
+
+@torch.library.custom_op("hst_v8_2::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(rows: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """d loss / d weight[j] = rows_j^T grad_j for each segment j -> (G, Din, Dout)."""
+    if _native_grouped_ok(rows):
+        return torch._grouped_mm(rows.t(), grad.contiguous(), offs=offs)
+    out = rows.new_zeros(offs.numel(), rows.size(1), grad.size(1))
+    for j, (s, e) in enumerate(_segments(offs)):
+        out[j] = rows[s:e].t() @ grad[s:e]
+    return out
+
+
+
+@grouped_mm.register_fake
+def _(rows, weight, offs):
+    return rows.new_empty(rows.size(0), weight.size(-1))
+
+
+@grouped_mm_weight_grad.register_fake
+def _(rows, grad, offs):
+    return rows.new_empty(offs.size(0), rows.size(1), grad.size(1))
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    rows, weight, offs = inputs
+    ctx.save_for_backward(rows, weight, offs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    rows, weight, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_rows = grouped_mm(grad, weight.transpose(-1, -2).contiguous(), offs)
+    grad_weight = grouped_mm_weight_grad(rows, grad, offs).to(weight.dtype)
+    return grad_rows, grad_weight, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+@register_flop_formula(torch.ops.hst_v8_2.grouped_mm)
+def _grouped_mm_flops(rows_shape, weight_shape, *args, out_shape=None, **kwargs):
+    return 2 * rows_shape[0] * rows_shape[1] * weight_shape[-1]
+
+
+class HyperLattice(nn.Module):
+    """y = x + W_o sum_{j in top-k(t)} p_{t,j} (LN(x_t) W_j), router logits W_r LN(x_t) in fp32, p = softmax over the
+    k selected logits. Per token, hence causal and identical in decoding. forward -> (y, load_balance, z_loss)."""
+
+    def __init__(self, d_model, paths, top_k, bias=False):
+        super().__init__()
+        self.paths, self.top_k = paths, top_k
+        self.ln = core.LayerNorm(d_model, bias)
+        self.router = nn.Linear(d_model, paths, bias=False)
+        self.path_weight = nn.Parameter(torch.randn(paths, d_model, d_model) * 0.02)   # W_j (P, D, D)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def route(self, h):
+        """h (N, D) -> router logits (N, P) fp32, chosen paths (N, k), their probabilities (N, k)."""
+        logits = self.router(h).float()
+        top_logits, top_paths = logits.topk(self.top_k, dim=-1)
+        return logits, top_paths, top_logits.softmax(-1)
+
+    def mix(self, h, top_paths, top_probs):
+        """sum_j p_j h W_j for every token, as a grouped GEMM over the N*k (token, path) pairs sorted by path.
+        Each path also gets one zero sentinel row (token N, weight 0): a group of a single row would take the
+        matrix-vector kernel, which rounds differently from the matrix-matrix one, and then whether token t picked
+        path j would change the last bits of earlier tokens' outputs. With the sentinels every real row goes
+        through the same kernel and the sorted order of earlier rows never changes: causality holds bit for bit."""
+        N, D = h.shape
+        device = h.device
+        sentinels = torch.arange(self.paths, device=device)
+        pair_path = torch.cat([top_paths.reshape(-1), sentinels])                           # (N*k + P,)
+        pair_token = torch.cat([torch.arange(N, device=device).repeat_interleave(self.top_k),
+                                torch.full_like(sentinels, N)])
+        pair_prob = torch.cat([top_probs.reshape(-1), torch.zeros(self.paths, device=device)])
+        order = torch.argsort(pair_path, stable=True)      # by path, then by token: earlier tokens come first
+        counts = torch.zeros(self.paths, device=device, dtype=torch.long).scatter_add_(
+            0, pair_path, torch.ones_like(pair_path))
+        offs = counts.cumsum(0).to(torch.int32)
+        h_padded = torch.cat([h, h.new_zeros(1, D)])
+        rows, weight = h_padded[pair_token[order]], self.path_weight
+        if h.is_cuda and torch.is_autocast_enabled("cuda"):  # custom ops see no autocast: cast as it would
+            dtype = torch.get_autocast_dtype("cuda")
+            rows, weight = rows.to(dtype), weight.to(dtype)
+        rows = grouped_mm(rows, weight, offs).to(h.dtype)                                     # (N*k + P, D)
+        rows = rows * pair_prob[order, None].to(rows.dtype)
+        return torch.zeros_like(h_padded).index_add(0, pair_token[order], rows)[:N]
+
+    def dense_mix(self, h, top_paths, top_probs):
+        """The reference: every path on every token, weighted by the (N, P) routing matrix (zeros off the top-k)."""
+        weights = torch.zeros(h.size(0), self.paths, device=h.device).scatter(1, top_paths, top_probs)
+        return torch.einsum("np,nd,pde->ne", weights.to(h.dtype), h, self.path_weight)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        h = self.ln(x).reshape(B * T, D)
+        logits, top_paths, top_probs = self.route(h)
+        y = x + self.proj(self.mix(h, top_paths, top_probs).reshape(B, T, D))
+        # Switch Transformer load balance P * sum_j f_j Pbar_j (f: share of pairs sent to j, Pbar: mean router
+        # probability; 1 when both are uniform) and ST-MoE's router z-loss mean(logsumexp(logits)^2)
+        dispatch = F.one_hot(top_paths, self.paths).float().sum(1).mean(0) / self.top_k
+        balance = self.paths * (dispatch * logits.softmax(-1).mean(0)).sum()
+        z_loss = torch.logsumexp(logits, -1).pow(2).mean()
+        return y, balance, z_loss
+
+
+# -----------------------------------------------------------------------------
+# feedback loop (6.6)
+
+class FeedbackLoop(nn.Module):
+    """s_0 = LN(x_t); `iters` times: e = sigmoid(w_e s + b_e), s <- (1 - e) s + e GRUCell(input=s_0, hidden=s);
+    y = x + W_o (s - s_0). Rows are tokens, so nothing crosses positions; W_o = 0 makes it the identity at init."""
+
+    def __init__(self, d_model, iters, bias=False):
+        super().__init__()
+        self.iters = iters
+        self.ln = core.LayerNorm(d_model, bias)
+        self.error_gate = nn.Linear(d_model, 1)
+        self.gru = nn.GRUCell(d_model, d_model)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        nn.init.zeros_(self.proj.weight)   # identity at init (Model re-zeros it after its own init)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        s0 = self.ln(x).reshape(B * T, D)
+        s = s0
+        for _ in range(self.iters):  # a fixed count: the graph is static
+            e = torch.sigmoid(self.error_gate(s))
+            s = (1 - e) * s + e * self.gru(s0, s)
+        return x + self.proj((s - s0).reshape(B, T, D))
+
+
+# -----------------------------------------------------------------------------
+# assembly
+
+class CrystallineBlock(nn.Module):
+    """x <- x + Attn(LN x); x <- Diamond(x) (its own residual); x <- Hebbian(x) (pre-norm residual)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.ln_1 = core.LayerNorm(c.d_model, c.bias)
+        self.attn = (PellLucasSelfAttention(c.d_model, c.n_heads, c.sparse_block, c.bias, c.dropout)
+                     if c.sparse_attention else core.CausalSelfAttention(c.d_model, c.n_heads, c.bias, c.dropout))
+        self.diamond = DiamondCoupling(c.d_model, c.bias)
+        self.hebbian = HebbianFastWeights(c.d_model, c.n_heads, c.hebbian_chunk, c.bias)
+
+    def forward(self, x, kv_cache=None, hebbian_cache=None, start_pos=0):
+        x = x + self.attn(self.ln_1(x), kv_cache, start_pos)
+        return self.hebbian(self.diamond(x), hebbian_cache, start_pos)
+
+
+class CrystallineCache(core.Cache):
+    """One KVCache per attention layer plus one HebbianCache per fast-weight layer; truncate rolls back both."""
+
+    def __init__(self, layers, hebbian):
+        super().__init__(layers)
+        self.hebbian = hebbian
+
+    def truncate(self, n):
+        super().truncate(n)
+        for layer in self.hebbian:
+            layer.truncate(n)
+
+    def nbytes(self):
+        return super().nbytes() + sum(layer.nbytes() for layer in self.hebbian)
+
+
+@dataclass
+class Output(core.Output):
+    uncertainty: Optional[torch.Tensor] = None   # (B, T, H): predicted CE of offsets 1..H at every position
+
+
+@dataclass
+class Config(core.Config):
+    curvature: float = 1.0            # c of the Poincare ball
+    hyperbolic_head: bool = False     # score tokens by Poincare distance instead of a dot product (6.1)
+    sparse_attention: bool = False    # causal Pell-Lucas block-sparse attention (6.3)
+    sparse_block: int = 64            # its block size
+    hebbian_chunk: int = 64           # chunk of the exact chunked-parallel fast-weight form
+    lattice_paths: int = 48           # P routed d x d paths
+    lattice_top_k: int = 4            # paths per token
+    feedback_iters: int = 2
+    horizon: int = 16                 # offsets 1..H; offset 1 is the main head
+    horizon_rank: int = 64            # rank of the per-offset adapters U_k V_k^T (capped at d_model)
+    horizon_weight: float = 0.5       # lambda_h
+    horizon_gamma: float = 0.95       # w_k proportional to gamma^k
+    horizon_sample: float = 0.25      # share of positions (a static count) that train offsets >= 2
+    draft_max_uncertainty: float = 4.0  # drafts stop at the first offset whose predicted CE (nats) exceeds this
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.d_model % 2:
+            raise core.UsageError(f"d_model={self.d_model} must be even: the Diamond coupling splits it in halves")
+        for name in ("sparse_block", "hebbian_chunk", "lattice_paths", "lattice_top_k", "feedback_iters",
+                     "horizon", "horizon_rank"):
+            if getattr(self, name) < 1:
+                raise core.UsageError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.lattice_top_k > self.lattice_paths:
+            raise core.UsageError(f"lattice_top_k={self.lattice_top_k} exceeds lattice_paths={self.lattice_paths}")
+        if not 0.0 < self.horizon_sample <= 1.0:
+            raise core.UsageError(f"horizon_sample={self.horizon_sample} must lie in (0, 1]")
+        if self.curvature <= 0:
+            raise core.UsageError(f"curvature={self.curvature} must be positive")
+
+
+class Model(core.LM):
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        D, H = c.d_model, c.horizon
+        self.wte = nn.Embedding(c.vocab_size, D)   # tangent vectors at the origin of the ball
+        self.plpe = core.PellLucasPE(D)
+        self.drop = nn.Dropout(c.dropout)
+        n_bottom = c.n_layers // 2
+        self.bottom = nn.ModuleList(CrystallineBlock(c) for _ in range(n_bottom))
+        self.lattice = HyperLattice(D, c.lattice_paths, c.lattice_top_k, c.bias)
+        self.feedback = FeedbackLoop(D, c.feedback_iters, c.bias)
+        self.top = nn.ModuleList(CrystallineBlock(c) for _ in range(c.n_layers - n_bottom))
+        self.ln_f = core.LayerNorm(D, c.bias)
+        if c.hyperbolic_head:
+            self.hyper_proj = nn.Linear(D, D, bias=False)
+            self.hyper_log_inv_temp = nn.Parameter(torch.zeros(()))
+            self.hyper_bias = nn.Parameter(torch.zeros(c.vocab_size))
+        if H > 1:
+            r = min(c.horizon_rank, D)
+            self.horizon_ln = core.LayerNorm(D, c.bias)
+            self.horizon_down = nn.Parameter(torch.randn(H - 1, D, r) * D ** -0.5)   # V_k
+            self.horizon_up = nn.Parameter(torch.zeros(H - 1, r, D))                 # U_k: offsets start as offset 1
+        self.uncertainty_ln = core.LayerNorm(D, c.bias)
+        self.uncertainty = core.MLP(D, UNCERTAINTY_HIDDEN, bias=True)
+        self.uncertainty.proj = nn.Linear(UNCERTAINTY_HIDDEN, H)
+        self.apply(core.init_weights)
+        # e ~ N(0, 1/d): |e| ~ 1, so sqrt(d) log0(exp0(e)) has unit-scale coordinates, like the PE beside it
+        nn.init.normal_(self.wte.weight, std=D ** -0.5)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("hebbian.proj.weight") or name == "lattice.proj.weight":
+                nn.init.normal_(p, std=0.02 / (2 * c.n_layers) ** 0.5)   # GPT-2's scaled residual projections
+            elif name.endswith(("F.proj.weight", "G.proj.weight")) or name == "feedback.proj.weight":
+                nn.init.zeros_(p)                                           # identity at init (6.5, 6.6)
+        if c.hyperbolic_head:
+            nn.init.normal_(self.hyper_proj.weight, std=1.0 / D)           # |W_p LN h| ~ 1: points mid-ball
+        with torch.no_grad():   # the uncertainty starts at ln V, the CE of a uniform prediction: calibrated at init
+            self.uncertainty.proj.weight.mul_(0.1)
+            self.uncertainty.proj.bias.fill_(math.log(math.expm1(math.log(c.vocab_size))))
+        # LN_f(h) . e has unit variance at init (|e| ~ 1); halving it keeps the loss at init within ~0.1 of ln V
+        # while the head still learns at about GPT's pace (a 1/sqrt(d) scale made it ~8x slower at d = 64)
+        self.logit_scale = 0.5
+
+    # -- pieces --------------------------------------------------------------------------------------------------
+
+    def embed(self, idx, pos):
+        e = self.wte(idx).float()
+        x = math.sqrt(self.config.d_model) * log0(exp0(e, self.config.curvature), self.config.curvature)
+        return self.drop((x + self.plpe(pos)).to(self.wte.weight.dtype))
+
+    def readout(self, z):
+        """Normed states (..., D) -> logits (..., V) through the tied table: dot product, or (hyperbolic_head)
+        minus the Poincare distance between exp0(W_p z) and exp0(e_v), over a temperature, plus a bias."""
+        if not self.config.hyperbolic_head:
+            return F.linear(z, self.wte.weight) * self.logit_scale
+        c = self.config.curvature
+        with torch.autocast(z.device.type, enabled=False):   # C4: hyperbolic maps and distances in fp32
+            tangent = self.hyper_proj(z.float()).reshape(-1, z.size(-1))
+            table = self.wte.weight.float()
+            dist = poincare_distance_matrix(exp0(tangent, c), exp0(table, c), c, exp0_gap(tangent, c),
+                                            exp0_gap(table, c))
+        return (self.hyper_bias - dist * self.hyper_log_inv_temp.exp()).reshape(*z.shape[:-1], -1)
+
+    def horizon_states(self, h):
+        """h (B, T, D) pre-LN_f -> LN_f(h + U_k V_k^T LN(h)) for offsets 2..H: (B, T, H-1, D)."""
+        low = torch.einsum("btd,kdr->btkr", self.horizon_ln(h), self.horizon_down)
+        return self.ln_f(h[:, :, None] + torch.einsum("btkr,krd->btkd", low, self.horizon_up))
+
+    def predicted_loss(self, h):
+        """u (B, T, H) = softplus(MLP(LN h)) in fp32. It reads a detached h: the probe learns to predict the
+        loss without reshaping the trunk to make its own loss easier to predict."""
+        return F.softplus(self.uncertainty(self.uncertainty_ln(h.detach())).float())
+
+    def _offset_ce(self, z, target):
+        """Per-position CE (B, n) of one offset's states; 0 where the target is -1. Checkpointed by the caller,
+        so one offset's (B, n, V) logits live at a time (never [B, T, H, V])."""
+        logits = self.readout(z).float()
+        return F.cross_entropy(logits.flatten(0, 1), target.reshape(-1), ignore_index=-1,
+                               reduction="none").reshape(target.shape)
+
+    def new_cache(self, batch_size, device=None, dtype=None):
+        c, p = self.config, next(self.parameters())
+        device, dtype = device or p.device, dtype or p.dtype
+        blocks = list(self.bottom) + list(self.top)
+        return CrystallineCache([b.attn.new_kv_cache(batch_size, c.max_seq_len, device, dtype) for b in blocks],
+                                [HebbianCache(batch_size, c.n_heads, c.max_seq_len, c.d_model // c.n_heads, device)
+                                 for _ in blocks])
+
+    # -- forward -------------------------------------------------------------------------------------------------
+
+    def forward(self, idx, targets=None, cache=None, start_pos=0):
+        c = self.config
+        B, T = idx.shape
+        if start_pos + T > c.max_seq_len:
+            raise core.UsageError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len="
+                                  f"{c.max_seq_len}; crop the input or build with a longer max_seq_len")
+        pos = torch.arange(start_pos, start_pos + T, device=idx.device)
+        x = self.embed(idx, pos)                                                  # (B, T, D) fp32
+        n_bottom = len(self.bottom)
+        kv = [None] * c.n_layers if cache is None else cache.layers
+        heb = [None] * c.n_layers if cache is None else cache.hebbian
+        for i, block in enumerate(self.bottom):
+            x = block(x, kv[i], heb[i], start_pos)
+        x, balance, z_loss = self.lattice(x)
+        x = self.feedback(x)
+        for i, block in enumerate(self.top):
+            x = block(x, kv[n_bottom + i], heb[n_bottom + i], start_pos)
+        h = x
+        hn = self.ln_f(h)
+        logits = self.readout(hn)                                                 # (B, T, V)
+        u = self.predicted_loss(h)                                                # (B, T, H)
+        if targets is None:
+            states = self.horizon_states(h) if c.horizon > 1 else None
+            return Output(logits=logits, hidden=hn, horizon_hidden=states, uncertainty=u)
+        loss, aux, states = self.objective(logits, h, u, targets, balance, z_loss)
+        return Output(logits=logits, loss=loss, hidden=hn, aux=aux, horizon_hidden=states, uncertainty=u)
+
+    def objective(self, logits, h, u, targets, balance, z_loss):
+        """(CE_1 + lambda_h sum_k w_k CE_k) / (1 + lambda_h) + 0.1 L_unc + 0.01 L_balance + 1e-3 L_z, with
+        w_k = gamma^k / sum gamma^k over k = 2..H: a weighted mean of CEs, so it stays on the ln V scale.
+        Offset 1 uses every position; offsets >= 2 use a random subset of a static size in training (all of them
+        in eval). L_unc = Huber(u - CE.detach()) over every (position, offset) that has a target."""
+        c = self.config
+        B, T, V = logits.shape
+        valid1 = targets >= 0
+        ce1 = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=-1,
+                              reduction="none").reshape(B, T)
+        aux = {"lm": ce1.sum() / valid1.sum().clamp_min(1)}
+        unc_sum = F.huber_loss(u[..., 0], ce1.detach(), reduction="none").mul(valid1).sum()
+        unc_count = valid1.sum()
+        states = None
+        loss = aux["lm"]
+        if c.horizon > 1:
+            n = max(1, round(c.horizon_sample * T)) if self.training else T
+            pos = torch.randperm(T, device=logits.device)[:n] if n < T else None
+            hs = h if pos is None else h[:, pos]
+            states = self.horizon_states(hs)                                      # (B, n, H-1, D)
+            horizon, norm = 0.0, 0.0
+            for j in range(c.horizon - 1):
+                offset = j + 2
+                target = core.horizon_targets(targets, offset)
+                target = target if pos is None else target[:, pos]
+                ce = torch.utils.checkpoint.checkpoint(self._offset_ce, states[:, :, j], target, use_reentrant=False)
+                valid = target >= 0
+                weight = c.horizon_gamma ** offset
+                horizon = horizon + weight * ce.sum() / valid.sum().clamp_min(1)
+                norm += weight
+                u_k = u[..., offset - 1] if pos is None else u[:, pos, offset - 1]
+                unc_sum = unc_sum + F.huber_loss(u_k, ce.detach(), reduction="none").mul(valid).sum()
+                unc_count = unc_count + valid.sum()
+            aux["horizon"] = horizon / norm
+            loss = (loss + c.horizon_weight * aux["horizon"]) / (1 + c.horizon_weight)
+            states = states if pos is None else None   # a subset of positions is no drafting state
+        aux["uncertainty"] = unc_sum / unc_count.clamp_min(1)
+        aux["balance"], aux["router_z"] = balance, z_loss
+        loss = loss + 0.1 * aux["uncertainty"] + 0.01 * balance + 1e-3 * z_loss
+        return loss, aux, states
+
+    # -- decoding ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def offset_cross_entropies(self, idx, targets):
+        """Mean CE of every offset 1..H on (idx, targets), all positions: (H,) tensor, for evaluation."""
+        out = self(idx)
+        ces = [core.lm_loss(out.logits, targets)]
+        for j in range(self.config.horizon - 1):
+            target = core.horizon_targets(targets, j + 2)
+            ce = self._offset_ce(out.horizon_hidden[:, :, j], target)
+            ces.append(ce.sum() / (target >= 0).sum().clamp_min(1))
+        return torch.stack(ces)
+
+    @torch.no_grad()
+    def draft(self, seq, k, prev_out, prev_index):
+        """Greedy drafts from the horizon offsets at the last cached position (as core.horizon_draft), cut at the
+        first offset whose predicted loss u exceeds draft_max_uncertainty. When that leaves nothing (or there is
+        no previous output), prompt lookup proposes instead: its drafts cost nothing to try."""
+        k = min(k, self.config.horizon - 1)
+        if prev_out is None or prev_out.horizon_hidden is None or k <= 0:
+            return core.prompt_lookup_draft(seq, k)
+        u = prev_out.uncertainty[0, prev_index, 1:k + 1]                        # offsets 2..k+1
+        confident = int((u <= self.config.draft_max_uncertainty).long().cumprod(0).sum())
+        if confident == 0:
+            return core.prompt_lookup_draft(seq, k)
+        return self.readout(prev_out.horizon_hidden[0, prev_index, :confident]).argmax(-1), None
+
+
+if __name__ == "__main__":
+    def extra(model, mode, idx, cached):
+        c = model.config
+        counts = {name: sum(p.numel() for p in getattr(model, name).parameters())
+                  for name in ("wte", "bottom", "lattice", "feedback", "top")}
+        counts["horizon+uncertainty"] = model.num_params() - sum(counts.values()) - model.plpe.level.weight.numel() \
+            - model.ln_f.weight.numel()
+        print("  parameters by part: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+        stats = {}
+        spec = model.generate(idx[:1, :8], 24, temperature=0, speculative=True, draft_len=6, stats=stats)
+        assert torch.equal(cached, spec)
+        print(f"  speculative (draft_len 6, uncertainty cut {c.draft_max_uncertainty}): "
+              f"{24 / stats['model_calls']:.2f} tokens per call, accepted per pass {stats['accepted_hist']}")
+        u = model(idx[:1, :-1]).uncertainty[0]
+        print("  predicted loss per offset (mean over positions): "
+              + ", ".join(f"{v:.2f}" for v in u.mean(0).tolist()))
+        block = model.bottom[0]
+        x = torch.randn(2, 16, c.d_model)
+        inv = (block.diamond.inverse(block.diamond(x)) - x).abs().max().item()
+        print(f"  Diamond inverse(forward(u)) max error {inv:.1e}")
+        cache = model.new_cache(1)
+        model(idx[:1, :32], cache=cache)
+        print(f"  cache after 32 tokens: {cache.nbytes() / 1024:.0f} KiB (KV + Hebbian log + state checkpoint)")
+
+    core.lm_selftest("v8_2", lambda **kw: Model(core.make_config(Config, kw)), T=40, prompt_len=8, extra=extra)
+    print(f"default config with hyperbolic_head: "
+          f"{Model(Config(hyperbolic_head=True)).num_params():,} parameters")
