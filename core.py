@@ -266,6 +266,13 @@ class Output:
     exit_depth: Optional[torch.Tensor] = None      # (B, T) bottom layers run per token (early exit, eval mode)
 
 
+def check_context(config, start_pos, T):
+    """Positions start_pos..start_pos+T-1 must fit the model's context: an error, never a clamp (DESIGN.md 2.8)."""
+    if start_pos + T > config.max_seq_len:
+        raise UsageError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len={config.max_seq_len}; "
+                         f"crop the input or build with a longer max_seq_len")
+
+
 def lm_loss(logits, targets):
     """Next-token cross-entropy in fp32; targets of -1 (padding) are ignored."""
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -1619,9 +1626,7 @@ class InjectableSpineLM(LM):
     def forward(self, idx, targets=None, cache=None, start_pos=0, injections=None):
         c = self.config
         B, T = idx.shape
-        if start_pos + T > c.max_seq_len:
-            raise UsageError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len="
-                             f"{c.max_seq_len}; crop the input or build with a longer max_seq_len")
+        check_context(c, start_pos, T)
         if c.mode == "token":
             if injections:
                 raise UsageError("context injection needs mode='chunk' (it anchors at chunk indices)")

@@ -39,9 +39,7 @@ class Model(core.LM):
 
     def forward(self, idx, targets=None, cache=None, start_pos=0):
         B, T = idx.shape
-        if start_pos + T > self.config.max_seq_len:
-            raise core.UsageError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len="
-                                  f"{self.config.max_seq_len}; crop the input or build with a longer max_seq_len")
+        core.check_context(self.config, start_pos, T)
         pos = torch.arange(start_pos, start_pos + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, D)
         for i, block in enumerate(self.blocks):

@@ -81,9 +81,7 @@ class Model(core.LM):
     def forward(self, idx, targets=None, cache=None, start_pos=0):
         c = self.config
         B, T = idx.shape
-        if start_pos + T > c.max_seq_len:
-            raise core.UsageError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len="
-                                  f"{c.max_seq_len}; crop the input or build with a longer max_seq_len")
+        core.check_context(c, start_pos, T)
         if c.mode == "token":
             pos = torch.arange(start_pos, start_pos + T, device=idx.device)
             x = self.drop(self.wte(idx) + self.wpe(pos))                          # (B, T, D)

@@ -996,9 +996,10 @@ def tiny(name, mode, seed=0, **overrides):
     return core.build_model(name, mode=mode, **{**TINY, **overrides}).eval()
 
 
-def fit(model, steps, data, lr=1e-2, batch=8):
+@torch.enable_grad()
+def fit(model, steps, data, lr=1e-2, batch=8, seed=1):
     """AdamW steps on windows drawn from `data` (a function (generator, batch, T+1) -> tokens)."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
@@ -1973,10 +1974,6 @@ def v8_fit(model, steps, data, lr=3e-3, batch=8, seed=0):
     return model.eval()
 
 
-def v8_uniform(V):
-    return lambda g, B, T: torch.randint(0, V, (B, T), generator=g)
-
-
 def v8_periodic(V, period=6):
     """Every row cycles through the same `period` tokens from a random phase: every offset is predictable."""
     cycle = torch.arange(period) * 7 % V
@@ -2217,7 +2214,7 @@ def test_block_sparse_decode_rows_equal_training_rows_and_cached_decoding_is_exa
         row = core.pell_lucas_block_mask(torch.tensor([t]), torch.arange(t + 1), block)[0]
         assert torch.equal(row, train_mask[t, :t + 1])
     assert not torch.equal(train_mask, torch.ones(T, T, dtype=torch.bool).tril())   # differs from dense at T = 48
-    sparse = v8_fit(v8_tiny(sparse_attention=True, sparse_block=block, horizon=2), 3, v8_uniform(96), lr=1e-2)
+    sparse = v8_fit(v8_tiny(sparse_attention=True, sparse_block=block, horizon=2), 3, uniform(96), lr=1e-2)
     dense = v8_tiny(sparse_attention=False, horizon=2)
     dense.load_state_dict(sparse.state_dict())
     idx = torch.randint(0, 96, (2, T), generator=torch.Generator().manual_seed(3))
@@ -2317,7 +2314,7 @@ def test_horizon_label_of_position_t_and_offset_k_is_token_t_plus_k():
 @pytest.fixture(scope="module")
 def noisy():
     """A tiny model after a few steps on random tokens, so zero-initialised branches are active."""
-    return v8_fit(v8_tiny(), 5, v8_uniform(96), lr=1e-2)
+    return v8_fit(v8_tiny(), 5, uniform(96), lr=1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -2375,7 +2372,7 @@ def test_predicted_uncertainty_correlates_with_the_realised_loss_on_held_out_dat
 
 
 def test_training_on_uniform_random_tokens_never_gets_any_offset_below_ln_V_on_fresh_data():
-    model = v8_fit(v8_tiny(), 40, v8_uniform(96), lr=3e-3)
+    model = v8_fit(v8_tiny(), 40, uniform(96), lr=3e-3)
     held_out = torch.randint(0, 96, (96, 49), generator=torch.Generator().manual_seed(99))
     ces = model.offset_cross_entropies(held_out[:, :-1], held_out[:, 1:])
     assert ces.shape == (16,)
@@ -2435,7 +2432,7 @@ def test_draft_length_is_cut_at_the_first_offset_whose_predicted_loss_is_too_hig
 
 
 def test_whole_model_prefill_then_chunks_then_single_steps_equals_the_full_forward():
-    model = v8_fit(v8_tiny(hebbian_chunk=8), 3, v8_uniform(96), lr=1e-2)   # chunks of 8: every call crosses some
+    model = v8_fit(v8_tiny(hebbian_chunk=8), 3, uniform(96), lr=1e-2)   # chunks of 8: every call crosses some
     idx = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         full = model(idx)
@@ -2510,25 +2507,6 @@ def center_depth(model, idx):
     thr = math.log(1 / (2 * (hi - lo)) / (1 - 1 / (2 * (hi - lo))))
     model.task.depth_out.bias.add_(thr - float(cut))
     return model
-
-
-@torch.enable_grad()
-def cl_fit(model, steps, data, lr=3e-3, seed=0, batch=8):
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    T = model.config.max_seq_len
-    for _ in range(steps):
-        x = data(g, batch, T + 1)
-        loss = model(x[:, :-1], targets=x[:, 1:]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-def cl_uniform(V):
-    return lambda g, B, T: torch.randint(0, V, (B, T), generator=g)
 
 
 def cl_periodic(V, period=5):
@@ -2669,7 +2647,7 @@ def test_real_layer_skipping_in_decoding_equals_the_hard_gated_full_forward():
 # whole model: random tokens, compile
 
 def test_random_token_training_keeps_next_and_every_horizon_ce_at_least_ln_V_on_fresh_data():
-    model = cl_fit(cl_build(), 40, cl_uniform(96), lr=3e-3)
+    model = fit(cl_build(), 40, uniform(96), lr=3e-3, seed=0)
     held_out = torch.randint(0, 96, (8, 49), generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
         out = model(held_out[:, :-1], targets=held_out[:, 1:])
@@ -2720,7 +2698,7 @@ def test_horizon_label_of_t_and_k_is_token_t_plus_k():
 
 @torch.no_grad()
 def test_perturbing_token_t_plus_k_leaves_every_head_at_t_unchanged():
-    model = cl_fit(cl_build(), 5, cl_uniform(96), lr=1e-2)
+    model = fit(cl_build(), 5, uniform(96), lr=1e-2, seed=0)
     idx = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(8))
     ref = model(idx)
     for t in (3, 20):
@@ -2735,7 +2713,7 @@ def test_perturbing_token_t_plus_k_leaves_every_head_at_t_unchanged():
 
 def test_periodic_training_gives_confident_accepted_head_drafts_and_speculative_equals_greedy():
     model_chaoslogic = core.load_model_module("chaoslogic")
-    model = cl_fit(cl_build(), 150, cl_periodic(96), lr=1e-2)
+    model = fit(cl_build(), 150, cl_periodic(96), lr=1e-2, seed=0)
     data = cl_periodic(96)(torch.Generator().manual_seed(123), 4, 49)
     with torch.no_grad():
         out = model(data[:, :-1], targets=data[:, 1:])
@@ -2768,7 +2746,7 @@ def test_periodic_training_gives_confident_accepted_head_drafts_and_speculative_
 
 @torch.no_grad()
 def test_draft_stops_at_the_first_unconfident_offset_and_falls_back_to_prompt_lookup():
-    model = cl_fit(cl_build(), 5, cl_uniform(96), lr=1e-2)
+    model = fit(cl_build(), 5, uniform(96), lr=1e-2, seed=0)
     prompt = torch.tensor([[1, 2, 3, 4, 1, 2, 3]])
     prev = model(prompt[:, :-1])
     heads = F.linear(prev.horizon_hidden[0, -1, :4], model.wte.weight).argmax(-1)
