@@ -256,6 +256,14 @@ def init_weights(module, std=0.02):
         nn.init.normal_(module.weight, mean=0.0, std=std)
 
 
+def scale_residual_projections(model, n_layers, suffixes=("attn.proj.weight", "mlp.proj.weight")):
+    """GPT-2: the projections that write into the residual stream start at std 0.02 / sqrt(2 n_layers), so the
+    stream's variance does not grow with depth. n_layers counts the residual layers the model stacks."""
+    for name, p in model.named_parameters():
+        if name.endswith(suffixes):
+            nn.init.normal_(p, mean=0.0, std=0.02 / (2 * n_layers) ** 0.5)
+
+
 @dataclass
 class Output:
     logits: torch.Tensor                  # (B, T, V)
@@ -1025,17 +1033,34 @@ class ChunkHierarchy(nn.Module):
                           torch.zeros(batch_size, self.max_seq_len, dtype=torch.long, device=device),
                           torch.zeros(batch_size, self.n_slots, D, device=device, dtype=dtype), self.chunk_size)
 
-    def _global(self, embed, chunks, first_slot, cache, global_kwargs):
+    def _global(self, embed, chunks, first_slot, cache, global_kwargs, injections=None):
         """chunks (B, N, C) for slots first_slot+1.. (plus the start vector when first_slot is 0) -> normed g."""
         B = chunks.size(0)
         x = self.encoder(embed(chunks))                                          # (B, N, D)
         if first_slot == 0:
             x = torch.cat([self.start.expand(B, 1, -1).to(x.dtype), x], 1)
-        x = x + self.slot_pe(torch.arange(first_slot, first_slot + x.size(1), device=x.device))
+        slots = torch.arange(first_slot, first_slot + x.size(1), device=x.device)
+        x = self._inject(x + self.slot_pe(slots), slots, injections)
         out = self.global_model(x, cache, first_slot, **global_kwargs)
         return self.ln_g(out[0]), out[1:]
 
-    def forward(self, idx, embed, cache=None, start_pos=0, **global_kwargs):
+    # what a subclass changes: how memory enters the global model and how the local decoder reads g
+    def _inject(self, x, slots, injections):
+        if injections is not None:
+            raise UsageError("this model's chunk mode takes no context injection (v6 and v7_1_2 do)")
+        return x
+
+    def _local_full(self, stream, g):
+        return self.local(stream, g.repeat_interleave(self.chunk_size, 1))
+
+    def _store_context(self, cache, lo, hi, g):
+        cache.context[:, lo:hi] = g
+
+    def _local_cached(self, stream, cache, first, end):
+        slot = torch.arange(first, end, device=stream.device)
+        return self.local(stream, cache.context[:, slot // self.chunk_size], cache.layers, first)
+
+    def forward(self, idx, embed, cache=None, start_pos=0, injections=None, **global_kwargs):
         B, T = idx.shape
         C = self.chunk_size
         tokens = embed(idx)                                                      # (B, T, D)
@@ -1045,22 +1070,20 @@ class ChunkHierarchy(nn.Module):
                 raise UsageError(f"chunk mode needs the cache for start_pos={start_pos} > 0: pass the model's cache")
             n_groups = T // C + 1                                                # groups of the stream of T+1 slots
             g, rest = self._global(embed, idx[:, :(n_groups - 1) * C].view(B, n_groups - 1, C), 0, None,
-                                   global_kwargs)                                # (B, n_groups, D)
+                                   global_kwargs, injections)                    # (B, n_groups, D)
             stream = F.pad(torch.cat([bos, tokens], 1), (0, 0, 0, n_groups * C - T - 1))  # (B, n_groups * C, D)
-            h = self.local(stream, g.repeat_interleave(C, 1))
-            return h[:, 1:T + 1], rest
+            return self._local_full(stream, g)[:, 1:T + 1], rest
         cache.tokens[:, start_pos:start_pos + T] = idx
         last_group = (start_pos + T) // C
         done = cache.global_cache.length                                         # global slots already computed
         rest = None
         if done <= last_group:  # new global slots: chunks that completed since, read back from the cache
             chunks = cache.tokens[:, max(done - 1, 0) * C:last_group * C].view(B, -1, C)
-            g, rest = self._global(embed, chunks, done, cache.global_cache, global_kwargs)
-            cache.context[:, done:last_group + 1] = g
+            g, rest = self._global(embed, chunks, done, cache.global_cache, global_kwargs, injections)
+            self._store_context(cache, done, last_group + 1, g)
         first = 0 if start_pos == 0 else start_pos + 1                          # stream slot of this call's first input
         stream = torch.cat([bos, tokens], 1) if start_pos == 0 else tokens
-        slot = torch.arange(first, start_pos + T + 1, device=idx.device)
-        h = self.local(stream, cache.context[:, slot // C], cache.layers, first)
+        h = self._local_cached(stream, cache, first, start_pos + T + 1)
         cache.n_tokens = start_pos + T
         return h[:, -T:], rest
 
@@ -1194,51 +1217,26 @@ class ChunkDecoderWithCache(ChunkHierarchy):
         mask = torch.ones(S, n, dtype=torch.bool, device=tokens.device)
         return q + self.inject_pool(q, self.inject_pool.project(chunks)[:, None].expand(B, S, n, -1), mask)
 
-    def _global(self, embed, chunks, first_slot, cache, global_kwargs, injections=None):
-        B = chunks.size(0)
-        x = self.encoder(embed(chunks))                                               # (B, N, D)
-        if first_slot == 0:
-            x = torch.cat([self.start.expand(B, 1, -1).to(x.dtype), x], 1)
-        slots = torch.arange(first_slot, first_slot + x.size(1), device=x.device)
-        x = x + self.slot_pe(slots)
-        if injections is not None:
-            memory, anchors = injections                                              # (B|1, S, D), (S,)
-            kv = self.inject_xattn.project(memory).expand(B, -1, -1)                  # (B, S, 2D)
-            # anchor mask: (N, S), or (B, N, S) for per-row anchors (B, S) (training's injection dropout)
-            mask = slots[:, None] >= anchors[None] if anchors.dim() == 1 else slots[:, None] >= anchors[:, None]
-            update = self.inject_xattn(self.inject_ln(x), kv[:, None].expand(B, x.size(1), -1, -1), mask)
-            x = x + torch.tanh(self.inject_gate) * update
-        out = self.global_model(x, cache, first_slot, **global_kwargs)
-        return self.ln_g(out[0]), out[1:]
+    def _inject(self, x, slots, injections):
+        if injections is None:
+            return x
+        B = x.size(0)
+        memory, anchors = injections                                              # (B|1, S, D), (S,)
+        kv = self.inject_xattn.project(memory).expand(B, -1, -1)                  # (B, S, 2D)
+        # anchor mask: (N, S), or (B, N, S) for per-row anchors (B, S) (training's injection dropout)
+        mask = slots[:, None] >= anchors[None] if anchors.dim() == 1 else slots[:, None] >= anchors[:, None]
+        update = self.inject_xattn(self.inject_ln(x), kv[:, None].expand(B, x.size(1), -1, -1), mask)
+        return x + torch.tanh(self.inject_gate) * update
 
-    def forward(self, idx, embed, cache=None, start_pos=0, injections=None, **global_kwargs):
-        B, T = idx.shape
-        C = self.chunk_size
-        tokens = embed(idx)                                                           # (B, T, D)
-        bos = self.bos.expand(B, 1, -1).to(tokens.dtype)
-        if cache is None:
-            if start_pos:
-                raise UsageError(f"chunk mode needs the cache for start_pos={start_pos} > 0: pass the model's cache")
-            n_groups = T // C + 1
-            g, rest = self._global(embed, idx[:, :(n_groups - 1) * C].view(B, n_groups - 1, C), 0, None,
-                                   global_kwargs, injections)                         # (B, n_groups, D)
-            stream = F.pad(torch.cat([bos, tokens], 1), (0, 0, 0, n_groups * C - T - 1))
-            h = self.local(stream, g, self.local.project_memory(g))
-            return h[:, 1:T + 1], rest
-        cache.tokens[:, start_pos:start_pos + T] = idx
-        last_group = (start_pos + T) // C
-        done = cache.global_cache.length
-        rest = None
-        if done <= last_group:  # chunks completed since the last call: encode them, advance the global model
-            chunks = cache.tokens[:, max(done - 1, 0) * C:last_group * C].view(B, -1, C)
-            g, rest = self._global(embed, chunks, done, cache.global_cache, global_kwargs, injections)
-            cache.context[:, done:last_group + 1] = g
-            cache.cross_kv[:, :, done:last_group + 1] = self.local.project_memory(g)
-        first = 0 if start_pos == 0 else start_pos + 1
-        stream = torch.cat([bos, tokens], 1) if start_pos == 0 else tokens
-        h = self.local(stream, cache.context, cache.cross_kv, cache.layers, first)
-        cache.n_tokens = start_pos + T
-        return h[:, -T:], rest
+    def _local_full(self, stream, g):
+        return self.local(stream, g, self.local.project_memory(g))
+
+    def _store_context(self, cache, lo, hi, g):
+        super()._store_context(cache, lo, hi, g)
+        cache.cross_kv[:, :, lo:hi] = self.local.project_memory(g)     # projected once per global slot
+
+    def _local_cached(self, stream, cache, first, end):
+        return self.local(stream, cache.context, cache.cross_kv, cache.layers, first)
 
 
 def check_anchor(anchor, max_seq_len, chunk_size, spine_only=True):
@@ -1566,9 +1564,7 @@ class InjectableSpineLM(LM):
 
     def _init(self):
         self.apply(init_weights)  # zero-initialised gates and heads are plain Parameters: init_weights skips them
-        for name, p in self.named_parameters():  # GPT-2's scaled residual projections
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * self.config.n_layers) ** 0.5)
+        scale_residual_projections(self, self.config.n_layers)
 
     def new_cache(self, batch_size, device=None, dtype=None):
         p = next(self.parameters())

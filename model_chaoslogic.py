@@ -335,10 +335,7 @@ class Model(core.LM):
         self.lm_head.weight = self.wte.weight
         self.apply(core.init_weights)
         nn.init.normal_(self.selector_weight, std=0.02)
-        n_blocks = self.n_attn
-        for name, p in self.named_parameters():  # GPT-2's scaled residual projections
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * n_blocks) ** 0.5)
+        core.scale_residual_projections(self, self.n_attn)
         # start deep (every adaptive layer on), with the depth fraction a quarter step above the last threshold so
         # that rounding differences between the full forward and decoding cannot flip an untrained gate
         n_adapt = max(1, self.n_bottom - self.n_always)

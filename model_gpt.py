@@ -31,11 +31,7 @@ class Model(core.LM):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
         self.apply(core.init_weights)
-        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layers) so the residual stream's variance
-        # does not grow with depth
-        for name, p in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * config.n_layers) ** 0.5)
+        core.scale_residual_projections(self, config.n_layers)
 
     def forward(self, idx, targets=None, cache=None, start_pos=0):
         B, T = idx.shape

@@ -52,9 +52,7 @@ class Model(core.LM):
         self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017); the horizon heads read it too
         self.horizon = core.HorizonHeads(c.d_model, c.horizon) if c.horizon > 1 else None
         self.apply(core.init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled residual projections
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * c.n_layers) ** 0.5)
+        core.scale_residual_projections(self, c.n_layers)
 
     def new_cache(self, batch_size, device=None, dtype=None):
         p = next(self.parameters())

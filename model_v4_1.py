@@ -132,9 +132,7 @@ class Model(core.LM):
         self.horizon = nn.Linear(c.d_model, (c.horizon - 1) * c.d_model, bias=False) if c.horizon > 1 else None
         self.horizon_ln = core.LayerNorm(c.d_model, c.bias) if c.horizon > 1 else None
         self.apply(core.init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled residual projections
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / (2 * c.n_layers) ** 0.5)
+        core.scale_residual_projections(self, c.n_layers)
 
     def new_cache(self, batch_size, device=None, dtype=None):
         c, p = self.config, next(self.parameters())

@@ -605,10 +605,10 @@ class Model(core.LM):
         self.apply(core.init_weights)
         # e ~ N(0, 1/d): |e| ~ 1, so sqrt(d) log0(exp0(e)) has unit-scale coordinates, like the PE beside it
         nn.init.normal_(self.wte.weight, std=D ** -0.5)
+        core.scale_residual_projections(self, c.n_layers, ("attn.proj.weight", "hebbian.proj.weight",
+                                                          "lattice.proj.weight"))
         for name, p in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("hebbian.proj.weight") or name == "lattice.proj.weight":
-                nn.init.normal_(p, std=0.02 / (2 * c.n_layers) ** 0.5)   # GPT-2's scaled residual projections
-            elif name.endswith(("F.proj.weight", "G.proj.weight")) or name == "feedback.proj.weight":
+            if name.endswith(("F.proj.weight", "G.proj.weight")) or name == "feedback.proj.weight":
                 nn.init.zeros_(p)                                           # identity at init (6.5, 6.6)
         if c.hyperbolic_head:
             nn.init.normal_(self.hyper_proj.weight, std=1.0 / D)           # |W_p LN h| ~ 1: points mid-ball

@@ -489,6 +489,7 @@ def test_v4_chunk_mode_is_causal_and_cached_at_global_spine_slots(v4_chunk_long)
 def confidences(model, idx):
     """The first exit head's confidence at every position (captured during an eval forward that never exits)."""
     trunk = model.trunk if model.config.mode == "token" else model.chunk.global_model
+    trunk = trunk if hasattr(trunk, "exit_heads") else trunk.bottom      # v5 keeps its exit heads in the bottom
     seen = []
     handle = trunk.exit_heads[0].register_forward_hook(lambda m, i, out: seen.append(torch.sigmoid(out)))
     threshold, model.config.exit_threshold = model.config.exit_threshold, 2.0
@@ -917,21 +918,6 @@ def test_no_two_horizon_offsets_give_identical_outputs_after_a_few_steps(name, m
     assert min(max_diff(hidden[:, :, i], out.hidden) for i in range(n)) > 1e-3   # nor the main head's state
 
 
-def v5_confidences(model, idx):
-    trunk = model.trunk.bottom if model.config.mode == "token" else model.chunk.global_model.bottom
-    seen = []
-    handle = trunk.exit_heads[0].register_forward_hook(lambda m, i, out: seen.append(torch.sigmoid(out)))
-    threshold, model.config.exit_threshold = model.config.exit_threshold, 2.0
-    try:
-        model(idx)
-    finally:
-        handle.remove()
-        model.config.exit_threshold = threshold
-    c = seen[0].flatten().sort().values
-    i = max(range(c.numel() // 4 + 1, 3 * c.numel() // 4 + 1), key=lambda i: c[i] - c[i - 1])
-    return ((c[i - 1] + c[i]) / 2).item()
-
-
 @pytest.mark.parametrize("mode", ["token", "chunk"])
 @torch.no_grad()
 def test_v5_exit_threshold_above_one_is_exactly_the_dense_model(mode):
@@ -941,7 +927,7 @@ def test_v5_exit_threshold_above_one_is_exactly_the_dense_model(mode):
     eval_logits = model(idx).logits
     dense = model.train()(idx).logits
     assert torch.equal(eval_logits, dense)
-    model.eval().config.exit_threshold = v5_confidences(model, idx)
+    model.eval().config.exit_threshold = split_threshold(model, idx)
     assert max_diff(model(idx).logits, dense) > 1e-4
 
 
@@ -949,7 +935,7 @@ def test_v5_exit_threshold_above_one_is_exactly_the_dense_model(mode):
 def test_v5_cached_decoding_with_exits_equals_the_full_pass_and_fills_every_layer():
     model = train(build("v5", n_layers=4, n_bottom_layers=3, block_size=4), steps=3)
     idx = tokens((2, 48), 12)
-    model.config.exit_threshold = v5_confidences(model, idx)
+    model.config.exit_threshold = split_threshold(model, idx)
     full = model(idx)
     assert (full.exit_depth < 3).any() and (full.exit_depth == 3).any()
     outs, cache = decode_in_pieces(model, idx, list(range(5, 48)))
