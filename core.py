@@ -1296,14 +1296,15 @@ class HierarchicalPredictiveLoss(nn.Module):
         return ce, kl
 
     def forward(self, logits, targets, horizon_hidden, unembed):
-        aux = {"lm": lm_loss(logits, targets)}
         if horizon_hidden is None:
+            aux = {"lm": lm_loss(logits, targets)}
             return aux["lm"], aux
+        # lm_loss's own log-softmax, computed once: the next-token CE and the consistency target share it
+        main_logp = logits.float().log_softmax(-1)                                      # (B, T, V)
+        aux = {"lm": F.nll_loss(main_logp.flatten(0, 1), targets.reshape(-1), ignore_index=-1)}
         with torch.no_grad():  # the main head is the consistency target (stop-grad): one pass over V for all offsets
-            main_logp = logits.float().log_softmax(-1)                                  # (B, T, V)
             p = main_logp.exp()
             neg_entropy = (p * main_logp).sum(-1)                                       # (B, T)
-            del main_logp
         expected_row = p @ unembed.float()              # (B, T, D); the unembedding gets its KL gradient through it
         ce_sum, kl_sum, lam_sum = 0.0, 0.0, 0.0
         n_off = horizon_hidden.size(2)
