@@ -22,6 +22,7 @@ import time
 
 import torch
 
+import configurator
 import core
 import prepare_data
 
@@ -130,7 +131,7 @@ def default_shards(work):
 
 def bytes_per_token(data_dir, B, T, iters):
     from train import val_batches
-    enc = core.get_tokenizer()
+    enc = prepare_data.get_tokenizer()
     val, _ = prepare_data.list_shards(data_dir)
     n_tokens = n_bytes = 0
     for _, y in val_batches(val, B, T, iters, 0, 1):
@@ -304,7 +305,7 @@ def bench_memory_cuda(pairs, s):
 def bench_data(s, work):
     paths = prepare_data.stdlib_paths()[:100 if s["fast"] else 600]
     texts = list(prepare_data.text_files(paths))
-    enc = core.get_tokenizer()
+    enc = prepare_data.get_tokenizer()
     procs = os.cpu_count() or 1
     enc.encode_ordinary_batch(texts[:50], num_threads=procs)  # warm-up: the first call pays one-off setup costs
     t0 = time.perf_counter()
@@ -368,8 +369,8 @@ def update_readme(text):
 
 
 def main():
-    fast = core.parse_overrides(sys.argv[1:], {"fast": False}, allow_config_files=False, ignore_unknown=True)["fast"]
-    s = core.parse_overrides(sys.argv[1:], {**SETTINGS, **(FAST if fast else {})}, allow_config_files=False)
+    fast = configurator.parse_overrides(sys.argv[1:], {"fast": False}, allow_config_files=False, ignore_unknown=True)["fast"]
+    s = configurator.parse_overrides(sys.argv[1:], {**SETTINGS, **(FAST if fast else {})}, allow_config_files=False)
     what = {"throughput", "quality", "generation", "memory", "data"} if s["what"] == "all" else set(s["what"].split(","))
     unknown = what - {"throughput", "quality", "generation", "memory", "data"}
     if unknown:
@@ -424,4 +425,4 @@ def main():
 
 
 if __name__ == "__main__":
-    core.main_guard(main)
+    configurator.main_guard(main)

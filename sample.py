@@ -13,7 +13,9 @@ import time
 
 import torch
 
+import configurator
 import core
+import prepare_data
 
 ckpt = "out"              # a run directory holding ckpt.pt, or the .pt file itself
 prompt = "\n"             # text, or FILE:path to read the prompt from a file
@@ -32,7 +34,7 @@ device = "auto"
 
 def main():
     settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-    cfg = core.parse_overrides(sys.argv[1:], settings, allow_config_files=False)
+    cfg = configurator.parse_overrides(sys.argv[1:], settings, allow_config_files=False)
     globals().update(cfg)
     if max_new_tokens < 1 or num_samples < 1:
         raise core.UsageError("--max_new_tokens and --num_samples must be at least 1")
@@ -43,7 +45,7 @@ def main():
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(dev).eval()
 
-    enc = core.get_tokenizer()
+    enc = prepare_data.get_tokenizer()
     text = prompt
     if text.startswith("FILE:"):
         try:
@@ -51,7 +53,7 @@ def main():
                 text = f.read()
         except OSError as e:
             raise core.UsageError(f"cannot read the prompt file {text[5:]!r}: {e.strerror}") from None
-    ids = enc.encode(text, allowed_special={"<|endoftext|>"}) or [core.EOT_TOKEN]
+    ids = enc.encode(text, allowed_special={"<|endoftext|>"}) or [prepare_data.EOT_TOKEN]
     L = model.config.max_seq_len
     if len(ids) > L:
         raise core.UsageError(f"the prompt has {len(ids)} tokens but the model's context is {L}: "
@@ -69,7 +71,7 @@ def main():
                 raise core.UsageError(f"--inject item {item!r} should be FILE@ANCHOR, ANCHOR a chunk index")
             try:
                 with open(path, encoding="utf-8") as f:
-                    block = enc.encode(f.read(), allowed_special={"<|endoftext|>"}) or [core.EOT_TOKEN]
+                    block = enc.encode(f.read(), allowed_special={"<|endoftext|>"}) or [prepare_data.EOT_TOKEN]
             except OSError as e:
                 raise core.UsageError(f"cannot read the injection file {path!r}: {e.strerror}") from None
             blocks.append((torch.tensor(block, dtype=torch.long, device=dev), int(anchor)))
@@ -120,4 +122,4 @@ def run_samples(model, idx, text, enc, generator):
 
 
 if __name__ == "__main__":
-    core.main_guard(main)
+    configurator.main_guard(main)

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import configurator
 import core
 import model_v4_1
 import model_v5
@@ -1359,40 +1360,40 @@ def test_overrides_accept_both_forms_config_files_and_check_types(tmp_path):
     defaults = {"batch_size": 8, "learning_rate": 6e-4, "compile": False, "model": "gpt", "out_dir": "out"}
     cfg_file = tmp_path / "c.py"
     cfg_file.write_text("batch_size = 2\nlearning_rate = 1e-3\n")
-    got = core.parse_overrides([str(cfg_file), "--batch_size=4", "--learning_rate", "1", "--compile",
+    got = configurator.parse_overrides([str(cfg_file), "--batch_size=4", "--learning_rate", "1", "--compile",
                                 "--out_dir", "123"], defaults)
     assert got == {"batch_size": 4, "learning_rate": 1.0, "compile": True, "model": "gpt", "out_dir": "123"}
     assert isinstance(got["learning_rate"], float)
     with pytest.raises(core.UsageError, match="did you mean batch_size"):
-        core.parse_overrides(["--batch_sise=4"], defaults)
+        configurator.parse_overrides(["--batch_sise=4"], defaults)
     with pytest.raises(core.UsageError, match="should be a int"):
-        core.parse_overrides(["--batch_size=4.5"], defaults)
+        configurator.parse_overrides(["--batch_size=4.5"], defaults)
     with pytest.raises(core.UsageError, match="should be a bool"):
-        core.parse_overrides(["--compile=yes"], defaults)
+        configurator.parse_overrides(["--compile=yes"], defaults)
     with pytest.raises(core.UsageError, match="not found"):
-        core.parse_overrides(["missing.py"], defaults)
+        configurator.parse_overrides(["missing.py"], defaults)
 
 
 def test_tokenizer_gives_the_known_gpt2_ids():
-    enc = core.get_tokenizer()
+    enc = prepare_data.get_tokenizer()
     assert enc.n_vocab == 50257
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert enc.encode_ordinary("The quick brown fox") == [464, 2068, 7586, 21831]
-    assert enc.encode("<|endoftext|>", allowed_special="all") == [core.EOT_TOKEN]
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [prepare_data.EOT_TOKEN]
     text = "Ünïcödé, numbers 12345 and  spaces\n\ttabs."
     assert enc.decode(enc.encode_ordinary(text)) == text
 
 
 def test_offline_tokenizer_is_built_from_the_verified_package_files(monkeypatch):
     import tiktoken
-    monkeypatch.setattr(core, "_TOKENIZER", None)
+    monkeypatch.setattr(prepare_data, "_TOKENIZER", None)
 
     def no_network(name):
         raise ConnectionError("offline")
     monkeypatch.setattr(tiktoken, "get_encoding", no_network)
-    enc = core.get_tokenizer()
+    enc = prepare_data.get_tokenizer()
     assert enc.encode_ordinary("Hello world") == [15496, 995]
-    assert enc.eot_token == core.EOT_TOKEN
+    assert enc.eot_token == prepare_data.EOT_TOKEN
 
 
 # -----------------------------------------------------------------------------
@@ -1405,8 +1406,8 @@ DOCS = ["First Citizen:\nBefore we proceed any further, hear me speak.",
 
 
 def expected_stream(docs):
-    enc = core.get_tokenizer()
-    return [t for d in docs if d.strip() for t in [core.EOT_TOKEN] + enc.encode_ordinary(d)]
+    enc = prepare_data.get_tokenizer()
+    return [t for d in docs if d.strip() for t in [prepare_data.EOT_TOKEN] + enc.encode_ordinary(d)]
 
 
 def read_all(out_dir):

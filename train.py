@@ -24,7 +24,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import configurator
 import core
+import prepare_data
 from prepare_data import list_shards, load_shard
 
 # -----------------------------------------------------------------------------
@@ -193,11 +195,11 @@ def main():
     model_fields = {}
     settings = {k: v for k, v in globals().items()
                 if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-    chosen = core.parse_overrides(sys.argv[1:], settings, ignore_unknown=True)["model"]
+    chosen = configurator.parse_overrides(sys.argv[1:], settings, ignore_unknown=True)["model"]
     for f in core.dataclasses.fields(core.load_model_module(chosen).Config):
         if f.name not in settings and f.name not in ("vocab_size",):
             model_fields[f.name] = f.default
-    config = core.parse_overrides(sys.argv[1:], {**settings, **model_fields})
+    config = configurator.parse_overrides(sys.argv[1:], {**settings, **model_fields})
     globals().update({k: v for k, v in config.items() if k in settings})
     model_overrides = {k: config[k] for k in model_fields if config[k] != model_fields[k]}
 
@@ -389,4 +391,4 @@ def main():
 
 
 if __name__ == "__main__":
-    core.main_guard(main)
+    configurator.main_guard(main)
