@@ -223,8 +223,8 @@ class CausalSelfAttention(nn.Module):
         return KVCache(batch_size, self.n_heads, max_len, self.head_dim, device, dtype)
 
     def forward(self, x, kv_cache=None, start_pos=0):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
         dropout = self.dropout if self.training else 0.0
         if kv_cache is None or start_pos == 0:
@@ -236,7 +236,7 @@ class CausalSelfAttention(nn.Module):
             # query i sits at absolute position start_pos + i and may read keys 0..start_pos + i
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, D)
         return self.resid_dropout(self.proj(y))
 
 
@@ -757,9 +757,9 @@ def exit_head_loss(heads, states, final):
 def fill_kv(block, x, kv_cache, start_pos):
     """Write the K/V that `block` would cache for x without running it: an exited token's skipped layers."""
     attn = block.attn
-    B, T, C = x.shape
-    w, b = attn.qkv.weight[C:], None if attn.qkv.bias is None else attn.qkv.bias[C:]
-    k, v = F.linear(block.ln_1(x), w, b).split(C, dim=2)
+    B, T, D = x.shape
+    w, b = attn.qkv.weight[D:], None if attn.qkv.bias is None else attn.qkv.bias[D:]
+    k, v = F.linear(block.ln_1(x), w, b).split(D, dim=2)
     k, v = (t.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2) for t in (k, v))
     kv_cache.update(start_pos, k, v)
 
@@ -926,9 +926,9 @@ class GroupedCausalSelfAttention(CausalSelfAttention):
         self.group_size = group_size
 
     def forward(self, x, kv_cache=None, start_pos=0):
-        B, T, C = x.shape
+        B, T, D = x.shape
         G = self.group_size
-        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
         dropout = self.dropout if self.training else 0.0
         if kv_cache is None:
@@ -944,7 +944,7 @@ class GroupedCausalSelfAttention(CausalSelfAttention):
             k_pos = torch.arange(first, start_pos + T, device=x.device)[None]
             mask = (k_pos <= q_pos) & (k_pos // G == q_pos // G)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, D)
         return self.resid_dropout(self.proj(y))
 
 
@@ -1186,7 +1186,7 @@ class CrossChunkCache(ChunkCache):
         return super().nbytes() + self.cross_kv.nelement() * self.cross_kv.element_size()
 
 
-class ChunkDecoderWithCache(ChunkHierarchy):
+class CrossAttentionChunkDecoder(ChunkHierarchy):
     """Chunk mode of v6 / v7.1.2: ChunkHierarchy with the cross-attending local decoder and context injection.
 
     Incremental generation keeps three caches in a CrossChunkCache: the local decoder's self-attention K/V, the
@@ -1550,7 +1550,7 @@ class InjectableSpineConfig(SpineConfig):
 
 class InjectableSpineLM(LM):
     """The body v6 and v7.1.2 share: token mode = SpineTrunk (adaptive bottom with per-token exit, lattice, top);
-    chunk mode = ChunkDecoderWithCache around a SpineTrunk over chunk slots, with context injection. A subclass
+    chunk mode = CrossAttentionChunkDecoder around a SpineTrunk over chunk slots, with context injection. A subclass
     sets `self.horizon` (a module h (B, T, D) -> (B, T, H-1, D), or None) and `objective(out parts) -> (loss, aux)`
     after calling `_build`. Injections: `with model.inject([(tokens, anchor), ...]): model.generate(...)`, or
     `model(idx, injections=[(memory, anchor), ...])` with memory from `model.encode_injection(tokens)`."""
@@ -1565,7 +1565,7 @@ class InjectableSpineLM(LM):
         else:
             n_slots = c.max_seq_len // c.chunk_size + 1
             trunk = SpineTrunk(c.d_model, c.n_heads, c.n_bottom_layers, n_top, n_slots, c.bias, c.dropout)
-            self.chunk = ChunkDecoderWithCache(trunk, c.d_model, c.n_heads, c.n_local_layers, c.chunk_size,
+            self.chunk = CrossAttentionChunkDecoder(trunk, c.d_model, c.n_heads, c.n_local_layers, c.chunk_size,
                                                c.max_seq_len, c.cross_window, c.n_inject_slots, c.bias, c.dropout)
         self.ln_f = LayerNorm(c.d_model, c.bias)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)

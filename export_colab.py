@@ -10,6 +10,7 @@ of the same name, so it runs exactly the code that the tests here check and impo
 """
 
 import os
+import re
 import sys
 
 import configurator
@@ -136,6 +137,35 @@ def t4_overrides():
     return "\n".join(f'    "--{k}={scope[k]}",' for k in keep)
 
 
+def _imports(module):
+    """(imports at load time, imports inside functions) of a repository module: local names only."""
+    source = read(f"{module}.py")
+    local = lambda names: [n for n in names if os.path.isfile(os.path.join(HERE, f"{n}.py"))]
+    return (local(re.findall(r"^(?:import|from) (\w+)", source, re.M)),
+            local(re.findall(r"^\s+(?:import|from) (\w+)", source, re.M)))
+
+
+def local_modules(roots):
+    """The repository modules that `roots` need, in an order where each follows what it imports at load time
+    (core imports generate only inside a function, so the cycle core <-> generate is no ordering constraint)."""
+    order, seen = [], set()
+
+    def visit(module):
+        if module in seen:
+            return
+        seen.add(module)
+        eager, lazy = _imports(module)
+        for dep in eager:
+            visit(dep)
+        order.append(module)
+        for dep in lazy:
+            visit(dep)
+
+    for root in roots:
+        visit(root)
+    return order
+
+
 def export(name, out_dir):
     module_name = core.MODELS[name] if name in core.MODELS else None
     if module_name is None:
@@ -145,13 +175,12 @@ def export(name, out_dir):
     title = os.path.splitext(SCRIPT_NAMES.get(name, f"HST_{name}_Colab_Training.py"))[0].replace("_", " ")
     parts = [HEADER.format(title=title, model_file=f"{module_name}.py", model=name, mode=config_cls.modes[-1],
                            t4_overrides=t4_overrides())]
-    # core first, with the registry pointing at the one embedded model
-    parts.append(embed("core", read("core.py")))
-    parts.append(embed("configurator", read("configurator.py")))
-    parts.append(f"core.MODELS.clear()\ncore.MODELS[{name!r}] = {module_name!r}\n")
-    parts.append(embed(module_name, read(f"{module_name}.py")))
-    parts.append(embed("prepare_data", read("prepare_data.py")))
-    parts.append(embed("train", read("train.py")))
+    # every repository module the model and train.py need, each after the modules it imports at load time;
+    # the registry then points at the one embedded model
+    for module in local_modules([module_name, "prepare_data", "train"]):
+        parts.append(embed(module, read(f"{module}.py")))
+        if module == "core":
+            parts.append(f"core.MODELS.clear()\ncore.MODELS[{name!r}] = {module_name!r}\n")
     parts.append(FOOTER.format())
     path = os.path.join(out_dir, SCRIPT_NAMES.get(name, f"HST_{name}_Colab_Training.py"))
     os.makedirs(out_dir, exist_ok=True)

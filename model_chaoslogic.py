@@ -155,7 +155,7 @@ class LatentAttention(nn.Module):
         return c if kv_cache is None else kv_cache.update(start_pos, c)
 
     def forward(self, u, sel, masks, kv_cache=None, start_pos=0):
-        B, T, C = u.shape
+        B, T, D = u.shape
         c = self.latent(u, kv_cache, start_pos)                                           # (B, S, d_c)
         S = c.size(1)
         q = self.q(u).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)             # (B, nh, T, hd)
@@ -173,7 +173,7 @@ class LatentAttention(nn.Module):
             rows = torch.arange(T, device=u.device)
             mask = masks[sel, rows]                                                       # (B, T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout)
-        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, D))
 
 
 class ChaosBlock(nn.Module):
@@ -223,7 +223,7 @@ class TaskAnalyzer(nn.Module):
         return m, tau, torch.sigmoid(z)
 
 
-class RecursiveHorizon(nn.Module):
+class CoarseToFineHorizon(nn.Module):
     """The hidden states of offsets 2..H (spec 6.7, ChaosLogic) and the confidence logits of offsets 1..H."""
 
     def __init__(self, d_model, horizon, bias=False):
@@ -329,7 +329,7 @@ class Model(core.LM):
             if c.n_lattice_layers else None
         self.selector_weight = nn.Parameter(torch.zeros(self.n_attn, N_PATTERNS, N_TASKS))  # W_l
         self.selector_bias = nn.Parameter(torch.zeros(self.n_attn, N_PATTERNS))             # b_l
-        self.horizon = RecursiveHorizon(c.d_model, c.horizon, c.bias)
+        self.horizon = CoarseToFineHorizon(c.d_model, c.horizon, c.bias)
         self.ln_f = core.LayerNorm(c.d_model, c.bias)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight

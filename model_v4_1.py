@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import core
 
 
-class CausalHyperLattice(nn.Module):
+class OffsetRoutingLattice(nn.Module):
     """out_t = g_t * W_o e_t + (1 - g_t) * x_t, with e_t = EdgeMLP([n_t ; m_t]), g_t = sigmoid(W_g [x_t ; e_t]) and
     m_t = sum_{o < min(W, t + 1)} a_{t,o} n_{t-o}: offsets past the sequence start get probability exactly 0, so
     out_t depends on x_{<=t} only. forward(x, start_pos, nodes) with nodes (B, max_len, D) the cached node
@@ -84,7 +84,7 @@ class CausalHyperLattice(nn.Module):
         return g * self.out(e) + (1 - g) * x
 
 
-class HyperLatticeCache(core.PagedKVCache):
+class OffsetLatticeCache(core.PagedKVCache):
     """Paged K/V of every block plus the lattice's node features (B, max_len, D) by position."""
 
     def __init__(self, nodes, *args, **kwargs):
@@ -124,7 +124,7 @@ class Model(core.LM):
         self.wpe = nn.Embedding(c.max_seq_len, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(core.Block(c.d_model, c.n_heads, c.bias, c.dropout) for _ in range(c.n_layers))
-        self.lattice = CausalHyperLattice(c.d_model, c.lattice_window, c.bias)
+        self.lattice = OffsetRoutingLattice(c.d_model, c.lattice_window, c.bias)
         self.ln_f = core.LayerNorm(c.d_model, c.bias)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017); the horizon heads read it too
@@ -138,7 +138,7 @@ class Model(core.LM):
         c, p = self.config, next(self.parameters())
         device, dtype = device or p.device, dtype or p.dtype
         nodes = torch.zeros(batch_size, c.max_seq_len, c.d_model, device=device, dtype=dtype)
-        return HyperLatticeCache(nodes, c.n_layers, batch_size, c.n_heads, c.d_model // c.n_heads, c.max_seq_len,
+        return OffsetLatticeCache(nodes, c.n_layers, batch_size, c.n_heads, c.d_model // c.n_heads, c.max_seq_len,
                                  device, dtype, c.block_size, c.kv_blocks)
 
     def forward(self, idx, targets=None, cache=None, start_pos=0):

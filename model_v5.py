@@ -157,7 +157,7 @@ class MultiScaleHorizon(nn.Module):
         return self.ln(torch.stack([z[j] for j in range(1, len(z))], 2))         # (B, T, Hz, D)
 
 
-class V5Cache(core.PagedKVCache):
+class TaskRoutedCache(core.PagedKVCache):
     """Paged K/V of every block (bottom, processor, top) and the router's prefix sums (B, max_len, D)."""
 
     def __init__(self, prefix_sums, *args, **kwargs):
@@ -168,7 +168,7 @@ class V5Cache(core.PagedKVCache):
         return super().nbytes() + self.prefix_sums.nelement() * self.prefix_sums.element_size()
 
 
-class V5Trunk(nn.Module):
+class TaskRoutedTrunk(nn.Module):
     """Adaptive bottom (early exit) -> adaptive lattice processor -> top blocks over one causal axis.
     forward(x, cache, start_pos, exit_threshold) -> (h, exit_loss, exit_depth, states (B, T, n_lattice, D))."""
 
@@ -186,7 +186,7 @@ class V5Trunk(nn.Module):
     def new_cache(self, batch_size, device, dtype):
         n_blocks = self.n_bottom + self.n_lattice + len(self.top)
         sums = torch.zeros(batch_size, self.max_len, self.d_model, device=device, dtype=torch.float32)
-        return V5Cache(sums, n_blocks, batch_size, self.n_heads, self.d_model // self.n_heads, self.max_len, device,
+        return TaskRoutedCache(sums, n_blocks, batch_size, self.n_heads, self.d_model // self.n_heads, self.max_len, device,
                        dtype, self.block_size, self.kv_blocks)
 
     def forward(self, x, cache=None, start_pos=0, exit_threshold=2.0):
@@ -229,14 +229,14 @@ class Model(core.LM):
         self.drop = nn.Dropout(c.dropout)
         if c.mode == "token":
             self.wpe = nn.Embedding(c.max_seq_len, c.d_model)
-            self.trunk = V5Trunk(c.d_model, c.n_heads, c.n_bottom_layers, c.n_lattice_layers, n_top, c.router_hidden,
+            self.trunk = TaskRoutedTrunk(c.d_model, c.n_heads, c.n_bottom_layers, c.n_lattice_layers, n_top, c.router_hidden,
                                  c.max_seq_len, c.block_size, c.kv_blocks, c.bias, c.dropout)
             self.field = PredictiveField(c.d_model, c.n_lattice_layers, c.bias)
         else:
             # the per-layer processor states exist per chunk slot only, so the token-level field has no input here:
             # chunk mode builds none and its horizon predictor reads the local decoder's state directly
             n_slots = c.max_seq_len // c.chunk_size + 1
-            trunk = V5Trunk(c.d_model, c.n_heads, c.n_bottom_layers, c.n_lattice_layers, n_top, c.router_hidden,
+            trunk = TaskRoutedTrunk(c.d_model, c.n_heads, c.n_bottom_layers, c.n_lattice_layers, n_top, c.router_hidden,
                             n_slots, c.block_size, c.kv_blocks, c.bias, c.dropout)
             self.chunk = core.ChunkHierarchy(trunk, c.d_model, c.n_heads, c.n_local_layers, c.chunk_size,
                                              c.max_seq_len, c.bias, c.dropout)

@@ -4,7 +4,7 @@ decoding from its horizon heads, structurally-aware context injection, and the H
 Design: shared/spec/variants/v6_v7.md section 8 (the corrected "HST-R" design); the shared parts are in core.py.
 - Token mode: adaptive bottom blocks with per-token exit heads (dense in training, CALM-style cache-consistent
   exit at inference, exit_threshold > 1 = dense), the causal spine lattice, top blocks (core.SpineTrunk).
-- Chunk mode (core.ChunkDecoderWithCache): chunk encoder -> causal global model over chunk slots (the same
+- Chunk mode (core.CrossAttentionChunkDecoder): chunk encoder -> causal global model over chunk slots (the same
   SpineTrunk, so the lattice runs over chunk indices) -> causal local decoder with grouped self-attention and
   cross-attention to the last `cross_window` global outputs. Decoding keeps the local self-attention K/V, the cross
   K/V projected once per global slot, and the global cache, advanced once per completed chunk.

@@ -13,7 +13,7 @@ Design: shared/spec/variants/v6_v7.md section 8; the body is shared with v6 (cor
 - Speculative verifier: no separate network (the original's was never called and never trained). The horizon
   offsets draft and the target model verifies in one cached pass (core.speculative_decode): greedy output equals
   plain greedy, sampling uses the Leviathan/Chen rejection rule.
-- Chunk mode with context injection: core.ChunkDecoderWithCache, exactly as v6 (the original v7.1.2 chunk mode
+- Chunk mode with context injection: core.CrossAttentionChunkDecoder, exactly as v6 (the original v7.1.2 chunk mode
   emitted one row of logits per chunk and crashed in its loss).
 - Objective: core.horizon_objective (normalized, discounted horizon CE) plus the exit heads' BCE.
 """

@@ -117,15 +117,15 @@ class PellLucasSelfAttention(core.CausalSelfAttention):
         self.block = block
 
     def forward(self, x, kv_cache=None, start_pos=0):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(start_pos, k, v)                                  # (B, nh, start_pos + T, hd)
         q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
         mask = core.pell_lucas_block_mask(q_pos, torch.arange(k.size(2), device=x.device), self.block)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+        return self.resid_dropout(self.proj(y.transpose(1, 2).contiguous().view(B, T, D)))
 
 
 # -----------------------------------------------------------------------------
@@ -415,7 +415,7 @@ def _grouped_mm_flops(rows_shape, weight_shape, *args, out_shape=None, **kwargs)
     return 2 * rows_shape[0] * rows_shape[1] * weight_shape[-1]
 
 
-class HyperLattice(nn.Module):
+class TopKPathLattice(nn.Module):
     """y = x + W_o sum_{j in top-k(t)} p_{t,j} (LN(x_t) W_j), router logits W_r LN(x_t) in fp32, p = softmax over the
     k selected logits. Per token, hence causal and identical in decoding. forward -> (y, load_balance, z_loss)."""
 
@@ -586,7 +586,7 @@ class Model(core.LM):
         self.drop = nn.Dropout(c.dropout)
         n_bottom = c.n_layers // 2
         self.bottom = nn.ModuleList(CrystallineBlock(c) for _ in range(n_bottom))
-        self.lattice = HyperLattice(D, c.lattice_paths, c.lattice_top_k, c.bias)
+        self.lattice = TopKPathLattice(D, c.lattice_paths, c.lattice_top_k, c.bias)
         self.feedback = FeedbackLoop(D, c.feedback_iters, c.bias)
         self.top = nn.ModuleList(CrystallineBlock(c) for _ in range(c.n_layers - n_bottom))
         self.ln_f = core.LayerNorm(D, c.bias)

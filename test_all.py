@@ -748,8 +748,8 @@ def test_fork_shares_blocks_and_a_write_copies_the_shared_block_leaving_the_pare
 
 
 def _kv(attn, x):
-    B, T, C = x.shape
-    _, k, v = attn.qkv(x).split(C, 2)
+    B, T, D = x.shape
+    _, k, v = attn.qkv(x).split(D, 2)
     return (t.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2) for t in (k, v))
 
 
@@ -2220,7 +2220,7 @@ def test_block_sparse_decode_rows_equal_training_rows_and_cached_decoding_is_exa
 
 def test_lattice_grouped_gemm_equals_the_dense_reference_in_values_and_gradients():
     torch.manual_seed(0)
-    lattice = model_v8_2.HyperLattice(32, 12, 3)
+    lattice = model_v8_2.TopKPathLattice(32, 12, 3)
     h = torch.randn(50, 32, requires_grad=True)
     _, paths, probs = lattice.route(h)
     grouped = lattice.mix(h, paths, probs)
@@ -2235,7 +2235,7 @@ def test_lattice_grouped_gemm_equals_the_dense_reference_in_values_and_gradients
 
 def test_lattice_activation_memory_at_512_tokens_and_d_768_is_under_100_MB():
     torch.manual_seed(0)
-    lattice = model_v8_2.HyperLattice(768, 48, 4)
+    lattice = model_v8_2.TopKPathLattice(768, 48, 4)
     params = {p.data_ptr() for p in lattice.parameters()}
     saved = {}
 
