@@ -1,24 +1,23 @@
-"""Shared primitives of the HST model zoo.
+"""Shared primitives of the HST model zoo: what more than one model uses, once.
 
-Everything used by more than one model lives here once: the config base, norms, MLP, causal self-attention
-with a preallocated KV cache that can be rolled back, sampling, the generation loops (uncached, cached,
-speculative), the model registry, the GPT-2 tokenizer and the command-line override parser.
+- config base (`Config`), the model registry (`MODELS`, `build_model`) and the one-line `UsageError`;
+- layers: LayerNorm, MLP, causal self-attention with a preallocated KV cache that can be rolled back, Block,
+  GPT-2 initialisation; the LM base class (`LM`: generate, caches, FLOP count) and its next-token loss;
+- the spine lattice (`spine_positions`, `LatticeCore`), per-token early exit (`ExitHead`, `SpineTrunk`);
+- horizon heads and their loss (`HorizonHeads`, `horizon_objective`, `horizon_draft`) and prompt-lookup drafts;
+- the chunk hierarchy (`ChunkEncoder`, `LocalDecoder`, `ChunkHierarchy`) of the chunk-mode variants;
+- Pell-Lucas positions and block-sparse masks; checkpoints; the self-test every model file runs.
 
-Generation follows gpt-fast (pytorch-labs/gpt-fast, generate.py): `prefill`, `decode_one_token`,
-`speculative_decode` and `sample` are small named functions over a cache written by absolute position.
-Speculative acceptance is the rule of Leviathan et al. 2023 / Chen et al. 2023, which keeps the output
-distribution equal to the model's; with temperature 0 it returns exactly the tokens of greedy decoding.
+Generation lives in generate.py and the paged KV cache in paged_cache.py; a model's own modules and its
+assembly live in its model_*.py file. Imports run one way: model files -> core -> nothing of theirs.
 """
 
-import ast
-import contextlib
 import dataclasses
 import difflib
 import importlib
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -131,16 +130,6 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class MLP(nn.Module):
@@ -284,7 +273,7 @@ class Output:
 
 
 def check_context(config, start_pos, T):
-    """Positions start_pos..start_pos+T-1 must fit the model's context: an error, never a clamp (DESIGN.md 2.8)."""
+    """Positions start_pos..start_pos+T-1 must fit the model's context: an error, never a clamp or a modulo."""
     if start_pos + T > config.max_seq_len:
         raise UsageError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len={config.max_seq_len}; "
                          f"crop the input or build with a longer max_seq_len")
@@ -296,7 +285,8 @@ def lm_loss(logits, targets):
 
 
 class LM(nn.Module):
-    """Base class of every model: the public API of DESIGN.md section 3 around a variant's `forward`.
+    """Base class of every model: the public API (`generate`, `new_cache`, `draft`, FLOP count)
+    around a variant's `forward`.
 
     A variant implements `forward(idx, targets=None, cache=None, start_pos=0) -> Output`, where `start_pos`
     is the absolute position of idx[:, 0] and `cache` (from `new_cache`) is read and written in place.
@@ -330,7 +320,12 @@ class LM(nn.Module):
         return 3 * counter.get_total_flops() / T
 
     def new_cache(self, batch_size, device=None, dtype=None):
+        """The decoding cache for batch_size rows. A model whose body keeps its own cache layout (`self.chunk` in
+        chunk mode, else `self.trunk`) gets that body's cache; any other model one KVCache per attention layer."""
         p = next(self.parameters())
+        body = getattr(self, "chunk", None) if self.config.mode == "chunk" else getattr(self, "trunk", None)
+        if body is not None:
+            return body.new_cache(batch_size, device or p.device, dtype or p.dtype)
         attns = [m for m in self.modules() if isinstance(m, CausalSelfAttention)]
         return Cache([a.new_kv_cache(batch_size, self.config.max_seq_len, device or p.device, dtype or p.dtype)
                       for a in attns])
@@ -342,8 +337,10 @@ class LM(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  speculative=False, generator=None, draft_len=4, stats=None, callback=None):
-        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, speculative,
-                        generator, draft_len, stats, callback)
+        """-> (B, T + max_new_tokens) tokens: plain, cached or speculative generation (see generate.py)."""
+        import generate  # generation builds on core, so core reaches it only at call time
+        return generate.generate(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, speculative,
+                                 generator, draft_len, stats, callback)
 
 
 def param_groups(model, weight_decay):
@@ -354,94 +351,7 @@ def param_groups(model, weight_decay):
 
 
 # -----------------------------------------------------------------------------
-# sampling
-
-def logits_to_probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """(..., V) logits -> the sampling distribution after temperature, top-k and nucleus (top-p) filtering."""
-    logits = logits.float() / max(temperature, 1e-5)
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens ranked above it already reach top_p; the top token always stays
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits.softmax(-1)
-
-
-def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, V) logits -> (B,) tokens. temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-# -----------------------------------------------------------------------------
-# generation
-
-def _check_tokens(model, idx):
-    if idx.dim() != 2 or idx.size(1) == 0:
-        raise UsageError(f"idx must be a non-empty (B, T) LongTensor, got shape {tuple(idx.shape)}")
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < 0 or hi >= model.config.vocab_size:
-        raise UsageError(f"token ids must lie in [0, {model.config.vocab_size}), got [{lo}, {hi}]; "
-                         f"encode prompts with the GPT-2 tokenizer (core.get_tokenizer)")
-
-
-def prefill(model, idx, cache):
-    """Run the prompt through the model from position 0, filling the cache; returns the last logits (B, V)."""
-    cache.truncate(0)
-    return model(idx, cache=cache, start_pos=0).logits[:, -1]
-
-
-def decode_one_token(model, token, cache, pos):
-    """token (B,) at absolute position pos -> logits (B, V) for position pos + 1."""
-    return model(token[:, None], cache=cache, start_pos=pos).logits[:, -1]
-
-
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-             speculative=False, generator=None, draft_len=4, stats=None, callback=None):
-    """Autoregressive generation. Past max_seq_len the context keeps its last max_seq_len tokens, as
-    nanoGPT crops; the cached path then re-prefills, so cached and uncached give the same tokens.
-    callback(new_tokens (B, n)) sees tokens as they are accepted, for streaming."""
-    callback = callback or (lambda new: None)
-    _check_tokens(model, idx)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if speculative:
-                rows = [speculative_decode(model, idx[b:b + 1], max_new_tokens, temperature, top_k, top_p,
-                                           generator, draft_len, stats, callback) for b in range(idx.size(0))]
-                return torch.cat(rows)
-            L = model.config.max_seq_len
-            if not use_cache:
-                for _ in range(max_new_tokens):
-                    logits = model(idx[:, -L:]).logits[:, -1]
-                    token = sample(logits, temperature, top_k, top_p, generator)
-                    idx = torch.cat([idx, token[:, None]], 1)
-                    callback(token[:, None])
-                return idx
-            cache = model.new_cache(idx.size(0))
-            logits = prefill(model, idx[:, -L:], cache)
-            for i in range(max_new_tokens):
-                token = sample(logits, temperature, top_k, top_p, generator)
-                idx = torch.cat([idx, token[:, None]], 1)
-                callback(token[:, None])
-                if i == max_new_tokens - 1:
-                    break
-                if cache.length < L:
-                    logits = decode_one_token(model, token, cache, cache.length)
-                else:  # the context is full: slide it, as the uncached loop does
-                    logits = prefill(model, idx[:, -L:], cache)
-            return idx
-    finally:
-        model.train(was_training)
-
+# drafting (used by speculative decoding in generate.py)
 
 def prompt_lookup_draft(seq, k, max_ngram=3):
     """Model-free drafts (prompt lookup decoding, as vLLM's "ngram" speculator): find the latest earlier
@@ -458,90 +368,13 @@ def prompt_lookup_draft(seq, k, max_ngram=3):
     return torch.empty(0, dtype=torch.long, device=seq.device), None
 
 
-def speculative_decode(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-                       draft_len=4, stats=None, callback=None):
-    """Draft-and-verify decoding of one sequence (1, T).
-
-    Invariant of the loop: the cache holds every token of seq but the last one, which is fed together with
-    the drafts in a single verification pass. Drafts come from `model.draft` with their proposal
-    distributions q (None = deterministic). Greedy: accept while a draft equals the model's argmax.
-    Sampling: accept d with probability min(1, p(d)/q(d)), else draw from normalize(max(0, p - q)) and stop;
-    if every draft is accepted, draw a bonus token from p. Rejected positions are truncated from the cache.
-    """
-    callback = callback or (lambda new: None)
-    L = model.config.max_seq_len
-    device = idx.device
-    seq = idx
-    target_len = idx.size(1) + max_new_tokens
-    cache = model.new_cache(1)
-    t0 = time.perf_counter()
-    calls, accepted_hist = 0, [0] * (draft_len + 1)
-    prev_out, prev_index = None, None
-    if 1 < seq.size(1) <= L:
-        prev_out = model(seq[:, :-1], cache=cache, start_pos=0)
-        prev_index, calls = seq.size(1) - 2, calls + 1
-    while seq.size(1) < target_len:
-        N = seq.size(1)
-        if N > L:  # past the context every step re-reads the last L tokens, like the uncached loop
-            logits = prefill(model, seq[:, -L:], cache)
-            calls += 1
-            token = sample(logits, temperature, top_k, top_p, generator)[:, None]
-            seq = torch.cat([seq, token], 1)
-            callback(token)
-            continue
-        room = min(draft_len, L - N, target_len - N - 1)
-        drafts, q = model.draft(seq, room, prev_out, prev_index) if room > 0 else (seq.new_empty(0), None)
-        k = drafts.numel()
-        verify_in = torch.cat([seq[:, -1:], drafts[None]], 1)           # (1, 1 + k)
-        out = model(verify_in, cache=cache, start_pos=N - 1)            # logits for positions N .. N + k
-        calls += 1
-        logits = out.logits[0]
-        n_acc = 0
-        if temperature == 0:
-            target = logits.argmax(-1)                                   # (1 + k,)
-            while n_acc < k and drafts[n_acc] == target[n_acc]:
-                n_acc += 1
-            next_token = target[n_acc]
-        else:
-            p = logits_to_probs(logits, temperature, top_k, top_p)     # (1 + k, V)
-            q_full = q if q is not None else F.one_hot(drafts, p.size(-1)).float()
-            next_token = None
-            for i in range(k):
-                d = drafts[i]
-                ratio = p[i, d] / q_full[i, d].clamp_min(1e-20)
-                if torch.rand((), generator=generator, device=device) < ratio.clamp(max=1.0):
-                    n_acc += 1
-                    continue
-                residual = (p[i] - q_full[i]).clamp_min(0)
-                residual = residual / residual.sum() if residual.sum() > 0 else p[i]
-                next_token = torch.multinomial(residual, 1, generator=generator)[0]
-                break
-            if next_token is None:
-                next_token = torch.multinomial(p[k], 1, generator=generator)[0]
-        accepted_hist[n_acc] += 1
-        new = torch.cat([drafts[:n_acc], next_token[None]])[None, :target_len - N]
-        seq = torch.cat([seq, new], 1)
-        callback(new)
-        cache.truncate(N + n_acc)  # keeps seq[:-1]: the prompt, the accepted drafts; the new token is pending
-        prev_out, prev_index = out, n_acc
-    if stats is not None:
-        stats["model_calls"] = stats.get("model_calls", 0) + calls
-        stats["new_tokens"] = stats.get("new_tokens", 0) + max_new_tokens
-        stats["seconds"] = stats.get("seconds", 0.0) + time.perf_counter() - t0
-        hist = stats.setdefault("accepted_hist", [])  # hist[n]: verification passes that accepted n drafts
-        hist.extend([0] * (len(accepted_hist) - len(hist)))
-        for n, count in enumerate(accepted_hist):
-            hist[n] += count
-    return seq
-
-
 # -----------------------------------------------------------------------------
 # spine lattice (HST v3, v4 and the variants after them)
 #
 # The "harmonic spine" of the original HST scripts: positions 0, 2, 4, then s_n = 2 (s_{n-1} + s_{n-2} + s_{n-3})
 # (a doubled tribonacci recurrence). Spine node s_n (n >= 3) has the parents s_{n-1}, s_{n-2}, s_{n-3}, all strictly
 # earlier, so the ancestor DAG is the same for every input: it is built once, as index tables, and the lattice core
-# that reads it is causal by construction. Specs: shared/spec/variants/v3_v4.md sections 1.1-1.5 and 5.2.
+# that reads it is causal by construction. docs/v3_v4.md has the longer story.
 
 @dataclass
 class SpineConfig(Config):
@@ -726,7 +559,7 @@ class LatticeCore(nn.Module):
 # to a detached saturation target; only inference takes hard decisions, and an exited token's state is copied
 # upward while every skipped layer still caches its K/V (Schuster et al. 2022, "CALM"), so caches stay complete.
 
-EXIT_SATURATION = 0.95    # a layer's state counts as saturated when cos(h^l, h^L) > 0.95 (v3_v4.md section 5.3)
+EXIT_SATURATION = 0.95    # a layer's state counts as saturated when cos(h^l, h^L) > 0.95
 EXIT_LOSS_WEIGHT = 0.03   # the original's weight of its depth term
 
 
@@ -838,7 +671,7 @@ class SpineTrunk(nn.Module):
 # -----------------------------------------------------------------------------
 # horizon heads (multi-token prediction)
 #
-# Canonical offsets (DESIGN.md 2.5): offset k = 1..H at position t predicts token t+k; offset 1 is the main head.
+# Canonical offsets: offset k = 1..H at position t predicts token t+k; offset 1 is the main head.
 # Offsets 2..H are Medusa heads (Cai et al. 2024): z_k = h + SiLU(W_k h) on the final normed state, read out by
 # the tied unembedding. W_k starts at zero, so every offset starts as the main head's prediction.
 
@@ -1097,622 +930,6 @@ class ChunkHierarchy(nn.Module):
         return h[:, -T:], rest
 
 
-# -----------------------------------------------------------------------------
-# chunk mode with cross-attention and context injection (HST v6 and v7.1.2)
-#
-# shared/spec/variants/v6_v7.md sections 8.2-8.4. The local decoder of chunk c cross-attends to a window of the
-# global outputs g_{c-w+1..c} (each summarises chunks before its slot, so the window is causal); the keys and values
-# of a global slot are projected once, when the slot is computed, and kept in the cache beside it. Context
-# injection encodes an external token block into a few memory slots and adds it, through a zero-initialised gate,
-# to the global model's input at slots >= its anchor: predictions of tokens in chunks before the anchor never see it.
-
-class WindowCrossAttention(nn.Module):
-    """Each query attends to its own few memory slots: x (B, U, D), kv (B, U, S, 2D) projected by `project`, mask
-    (U, S) or (B, U, S) of readable slots. A query with no readable slot gets exactly zero."""
-
-    def __init__(self, d_model, n_heads, bias=False):
-        super().__init__()
-        self.n_heads, self.head_dim = n_heads, d_model // n_heads
-        self.q = nn.Linear(d_model, d_model, bias=bias)
-        self.kv = nn.Linear(d_model, 2 * d_model, bias=bias)
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
-
-    def project(self, memory):
-        return self.kv(memory)  # (..., S, D) -> (..., S, 2D)
-
-    def forward(self, x, kv, mask):
-        B, U, D = x.shape
-        nh, hd = self.n_heads, self.head_dim
-        q = self.q(x).view(B, U, nh, hd)
-        k, v = kv.view(B, U, kv.size(2), 2, nh, hd).unbind(3)                       # (B, U, S, nh, hd)
-        scores = torch.einsum("buhd,bushd->buhs", q, k).float() / math.sqrt(hd)     # fp32: -1e9 fits
-        mask = mask[..., None, :]                                                    # (.., U, 1, S)
-        # a finite fill keeps the softmax and its gradient nan-free when nothing is readable; those rows are zeroed
-        probs = scores.masked_fill(~mask, -1e9).softmax(-1) * mask.any(-1, keepdim=True)
-        return self.proj(torch.einsum("buhs,bushd->buhd", probs.to(v.dtype), v).reshape(B, U, D))
-
-
-class CrossBlock(GroupedBlock):
-    """Grouped causal self-attention, then cross-attention to the group's window of global outputs, then the MLP."""
-
-    def __init__(self, d_model, n_heads, group_size, bias=False, dropout=0.0):
-        super().__init__(d_model, n_heads, group_size, bias, dropout)
-        self.ln_x = LayerNorm(d_model, bias)
-        self.xattn = WindowCrossAttention(d_model, n_heads, bias)
-
-    def forward(self, x, kv_mem, mem_mask, kv_cache=None, start_pos=0):
-        x = x + self.attn(self.ln_1(x), kv_cache, start_pos)
-        x = x + self.xattn(self.ln_x(x), kv_mem, mem_mask)
-        return x + self.mlp(self.ln_2(x))
-
-
-class CrossLocalDecoder(LocalDecoder):
-    """LocalDecoder whose blocks also cross-attend to the last `window` global outputs g_{c-window+1..c} of their
-    group c (the additive conditioning on g_c stays)."""
-
-    def __init__(self, d_model, n_heads, n_layers, chunk_size, window, bias=False, dropout=0.0):
-        super().__init__(d_model, n_heads, n_layers, chunk_size, bias, dropout)
-        self.window = window
-        self.blocks = nn.ModuleList(CrossBlock(d_model, n_heads, chunk_size, bias, dropout) for _ in range(n_layers))
-
-    def project_memory(self, g):
-        """g (B, S, D) -> (B, n_layers, S, 2D): every layer's cross K/V of these global slots, computed once."""
-        return torch.stack([b.xattn.project(g) for b in self.blocks], 1)
-
-    def forward(self, x, g, memory, caches=None, start=0):
-        """x (B, U, D) slot inputs from stream slot `start`; g (B, n, D) global outputs and memory their projected
-        K/V (B, n_layers, n, 2D), indexed by global slot."""
-        slot = torch.arange(start, start + x.size(1), device=x.device)               # (U,) stream slots
-        group = slot // self.chunk_size
-        window = group[:, None] - torch.arange(self.window, device=x.device)         # (U, w) own slot first
-        mask = window >= 0
-        window = window.clamp_min(0)
-        h = x + self.wpe(slot % self.chunk_size) + self.cond(g[:, group])
-        for i, block in enumerate(self.blocks):
-            h = block(h, memory[:, i][:, window], mask, None if caches is None else caches[i], start)
-        return h
-
-
-class CrossChunkCache(ChunkCache):
-    """ChunkCache plus the local decoder's cross K/V per global slot (B, n_layers, n_slots, 2D). Like the global
-    outputs they are written by slot index when the slot is (re)computed, so rollback needs no more than
-    ChunkCache's pointers."""
-
-    def __init__(self, local_layers, global_cache, tokens, context, cross_kv, chunk_size):
-        super().__init__(local_layers, global_cache, tokens, context, chunk_size)
-        self.cross_kv = cross_kv
-
-    def nbytes(self):
-        return super().nbytes() + self.cross_kv.nelement() * self.cross_kv.element_size()
-
-
-class CrossAttentionChunkDecoder(ChunkHierarchy):
-    """Chunk mode of v6 / v7.1.2: ChunkHierarchy with the cross-attending local decoder and context injection.
-
-    Incremental generation keeps three caches in a CrossChunkCache: the local decoder's self-attention K/V, the
-    cross-attention K/V projected once per global slot, and the global model's cache, advanced once per completed
-    chunk. forward(idx, embed, cache, start_pos, injections, **global_kwargs) -> (hidden (B, T, D), rest) as
-    ChunkHierarchy; `injections` is None or (memory (B|1, S, D), anchors (S,) long): memory slot s is visible to
-    global slots >= anchors[s], i.e. to the predictions of tokens in chunks >= anchors[s] (logits at positions
-    >= anchor * C - 1)."""
-
-    def __init__(self, global_model, d_model, n_heads, n_local_layers, chunk_size, max_seq_len, window=4,
-                 n_inject_slots=4, bias=False, dropout=0.0):
-        super().__init__(global_model, d_model, n_heads, n_local_layers, chunk_size, max_seq_len, bias, dropout)
-        self.local = CrossLocalDecoder(d_model, n_heads, n_local_layers, chunk_size, window, bias, dropout)
-        # injection: chunk encodings of the block -> n_inject_slots learned-query slots -> gated cross-attention
-        self.inject_queries = nn.Parameter(torch.randn(n_inject_slots, d_model) * 0.02)
-        self.inject_pool = WindowCrossAttention(d_model, n_heads, bias)
-        self.inject_ln = LayerNorm(d_model, bias)
-        self.inject_xattn = WindowCrossAttention(d_model, n_heads, bias)
-        self.inject_gate = nn.Parameter(torch.zeros(()))   # tanh(0) = 0: an untrained injection changes nothing
-
-    def new_cache(self, batch_size, device, dtype):
-        base = super().new_cache(batch_size, device, dtype)
-        D = self.bos.numel()
-        cross = torch.zeros(batch_size, len(self.local.blocks), self.n_slots, 2 * D, device=device, dtype=dtype)
-        return CrossChunkCache(base.layers, base.global_cache, base.tokens, base.context, cross, self.chunk_size)
-
-    def encode_injection(self, embed, tokens):
-        """tokens (B, L) -> memory (B, n_inject_slots, D): the block's chunk encodings (the padded tail chunk has
-        zero rows for its pads), pooled by learned queries."""
-        B, L = tokens.shape
-        C = self.chunk_size
-        n = -(-L // C)
-        emb = F.pad(embed(tokens), (0, 0, 0, n * C - L))                             # (B, n C, D)
-        chunks = self.encoder(emb.view(B, n, C, -1))                                  # (B, n, D)
-        S = self.inject_queries.size(0)
-        q = self.inject_queries.expand(B, S, -1).to(chunks.dtype)
-        mask = torch.ones(S, n, dtype=torch.bool, device=tokens.device)
-        return q + self.inject_pool(q, self.inject_pool.project(chunks)[:, None].expand(B, S, n, -1), mask)
-
-    def _inject(self, x, slots, injections):
-        if injections is None:
-            return x
-        B = x.size(0)
-        memory, anchors = injections                                              # (B|1, S, D), (S,)
-        kv = self.inject_xattn.project(memory).expand(B, -1, -1)                  # (B, S, 2D)
-        # anchor mask: (N, S), or (B, N, S) for per-row anchors (B, S) (training's injection dropout)
-        mask = slots[:, None] >= anchors[None] if anchors.dim() == 1 else slots[:, None] >= anchors[:, None]
-        update = self.inject_xattn(self.inject_ln(x), kv[:, None].expand(B, x.size(1), -1, -1), mask)
-        return x + torch.tanh(self.inject_gate) * update
-
-    def _local_full(self, stream, g):
-        return self.local(stream, g, self.local.project_memory(g))
-
-    def _store_context(self, cache, lo, hi, g):
-        super()._store_context(cache, lo, hi, g)
-        cache.cross_kv[:, :, lo:hi] = self.local.project_memory(g)     # projected once per global slot
-
-    def _local_cached(self, stream, cache, first, end):
-        return self.local(stream, cache.context, cache.cross_kv, cache.layers, first)
-
-
-def check_anchor(anchor, max_seq_len, chunk_size, spine_only=True):
-    """An injection anchor is a chunk index below max_seq_len // chunk_size and, when spine_only, on the spine."""
-    n_chunks = max_seq_len // chunk_size
-    if not isinstance(anchor, int) or not 0 <= anchor < n_chunks:
-        raise UsageError(f"injection anchor {anchor!r} is out of range: chunk indices run 0..{n_chunks - 1} "
-                         f"(max_seq_len={max_seq_len} // chunk_size={chunk_size})")
-    spine = spine_positions(n_chunks)
-    if spine_only and anchor not in spine:
-        raise UsageError(f"injection anchor {anchor} is not a spine position; use one of {spine}")
-
-
-class _LogSumExpAndPick(torch.autograd.Function):
-    """(logits (N, V) fp32, index (N,)) -> (logsumexp (N,), logits[n, index[n]] (N,)), with a backward that
-    writes softmax * g_lse + onehot * g_pick in one buffer: a cross-entropy and a KL share one pass over V,
-    where autograd's logsumexp + gather would allocate, fill and add three (B, T, V) tensors."""
-
-    @staticmethod
-    def forward(ctx, logits, index):
-        lse = torch.logsumexp(logits, -1)
-        ctx.save_for_backward(logits, index, lse)
-        return lse, logits.gather(-1, index[:, None])[:, 0]
-
-    @staticmethod
-    def backward(ctx, g_lse, g_pick):
-        logits, index, lse = ctx.saved_tensors
-        grad = torch.sub(logits, lse[:, None]).exp_().mul_(g_lse[:, None])
-        grad.scatter_add_(1, index[:, None], g_pick[:, None])
-        return grad, None
-
-
-class HierarchicalPredictiveLoss(nn.Module):
-    """v6 Giga's training objective, corrected (v6_v7.md section 8.1):
-    (CE_main + sum_k lambda_k CE_k) / (1 + sum_k lambda_k) + consistency * mean_k KL(sg(p_main[t+k-1]) || q_k[t]),
-    lambda_k = beta * gamma^(k-2) for offsets k = 2..H. The CE part is a weighted mean, so the objective starts near
-    ln V; the consistency term pulls offset k at t toward the main head's later prediction of the same token.
-    Targets of -1 are ignored everywhere; each offset's (B, T, V) logits are recomputed in the backward pass, so
-    no [B, T, H, V] tensor exists."""
-
-    def __init__(self, beta=0.3, gamma=0.8, consistency=0.1):
-        super().__init__()
-        self.beta, self.gamma, self.consistency = beta, gamma, consistency
-
-    @staticmethod
-    def _offset_terms(z, unembed, target, expected_row, neg_entropy):
-        """CE of offset logits against target and KL(main || offset), summed over valid positions.
-        With logits = z W^T and p the main head's distribution, sum_v p_v log q_v = z . (p W) - logsumexp(z W^T),
-        so the KL needs the expected unembedding row p W (computed once, outside) instead of a pass over V."""
-        logits = F.linear(z, unembed).float()                                          # (B, T, V)
-        lse, target_logit = _LogSumExpAndPick.apply(logits.flatten(0, 1), target.clamp_min(0).flatten())
-        lse, target_logit = lse.view_as(target), target_logit.view_as(target)          # (B, T)
-        valid = target >= 0
-        ce = ((lse - target_logit) * valid).sum()
-        cross = (z.float() * expected_row).sum(-1) - lse                              # sum_v p_v log q_v
-        kl = ((neg_entropy - cross) * valid).sum()
-        return ce, kl
-
-    def forward(self, logits, targets, horizon_hidden, unembed):
-        if horizon_hidden is None:
-            aux = {"lm": lm_loss(logits, targets)}
-            return aux["lm"], aux
-        # lm_loss's own log-softmax, computed once: the next-token CE and the consistency target share it
-        main_logp = logits.float().log_softmax(-1)                                      # (B, T, V)
-        aux = {"lm": F.nll_loss(main_logp.flatten(0, 1), targets.reshape(-1), ignore_index=-1)}
-        with torch.no_grad():  # the main head is the consistency target (stop-grad): one pass over V for all offsets
-            p = main_logp.exp()
-            neg_entropy = (p * main_logp).sum(-1)                                       # (B, T)
-        expected_row = p @ unembed.float()              # (B, T, D); the unembedding gets its KL gradient through it
-        ce_sum, kl_sum, lam_sum = 0.0, 0.0, 0.0
-        n_off = horizon_hidden.size(2)
-        for j in range(n_off):
-            k = j + 2
-            target = horizon_targets(targets, k)
-            # main head at t+k-1 predicts the same token as offset k at t; pad the shifted rows (masked anyway)
-            row = F.pad(expected_row[:, k - 1:], (0, 0, 0, k - 1))
-            neg_h = F.pad(neg_entropy[:, k - 1:], (0, k - 1))
-            ce, kl = torch.utils.checkpoint.checkpoint(self._offset_terms, horizon_hidden[:, :, j], unembed,
-                                                       target, row, neg_h, use_reentrant=False)
-            count = (target >= 0).sum().clamp_min(1)
-            lam = self.beta * self.gamma ** (k - 2)
-            ce_sum, kl_sum, lam_sum = ce_sum + lam * ce / count, kl_sum + kl / count, lam_sum + lam
-        aux["horizon"] = ce_sum / lam_sum
-        aux["consistency"] = kl_sum / n_off
-        loss = (aux["lm"] + ce_sum) / (1 + lam_sum) + self.consistency * aux["consistency"]
-        return loss, aux
-
-
-def acceptance_per_head(accepted_hist):
-    """speculative_decode's histogram (hist[n] = verification passes that accepted n drafts) -> the acceptance
-    rate of draft j (1-based) given that drafts 1..j-1 were accepted, for j = 1..len(hist)-1."""
-    rates = []
-    for j in range(1, len(accepted_hist)):
-        reached = sum(accepted_hist[j - 1:])
-        rates.append(sum(accepted_hist[j:]) / reached if reached else float("nan"))
-    return rates
-
-
-# -----------------------------------------------------------------------------
-# paged KV cache (HST v4.1 and v5; vLLM's PagedAttention, Kwon et al. 2023)
-#
-# Every cached layer owns a preallocated pool of fixed-size blocks, (n_blocks, block_size, n_heads, head_dim). One
-# allocator serves all layers: a physical block id names the same slot range in every layer's pool, so a sequence
-# has a single block table. Blocks are reference-counted: `fork` shares a prefix between sequences, and the first
-# write into a shared block copies it (copy-on-write). Attention reads K/V through the block table (a gather of the
-# sequence's blocks, cut at its length), so it sees exactly the keys a contiguous cache holds: same values, same
-# order, same query shapes, hence the same output. Bookkeeping (tables, free list, reference counts) lives on the
-# host as in vLLM; only the pools are tensors.
-
-class BlockAllocator:
-    """A free-block stack with reference counts. Nothing is ever evicted silently: an empty pool is an error."""
-
-    def __init__(self, n_blocks):
-        self.ref = [0] * n_blocks
-        self.free = list(range(n_blocks - 1, -1, -1))  # pop() hands out block 0 first
-
-    @property
-    def n_free(self):
-        return len(self.free)
-
-    def alloc(self):
-        if not self.free:
-            raise RuntimeError(f"the paged KV pool's {len(self.ref)} blocks are all in use; build the cache with "
-                               f"more blocks (kv_blocks) or free finished sequences")
-        block = self.free.pop()
-        self.ref[block] = 1
-        return block
-
-    def share(self, block):
-        self.ref[block] += 1
-
-    def release(self, block):
-        self.ref[block] -= 1
-        if self.ref[block] == 0:
-            self.free.append(block)
-
-
-class PagedLayer:
-    """One attention layer's view of a PagedKVCache, with KVCache's interface (`update`, `length`, `truncate`), so
-    CausalSelfAttention, GroupedCausalSelfAttention and fill_kv read and write through block tables unchanged."""
-
-    def __init__(self, cache, index):
-        self.cache, self.index = cache, index
-        self.lengths = [0] * cache.batch_size   # valid positions per sequence in this layer
-
-    @property
-    def length(self):
-        return max(self.lengths)
-
-    def truncate(self, n):
-        self.cache.truncate(n)
-
-    def update(self, start_pos, k, v):
-        """k, v (B, nh, T, hd) at positions start_pos.. of every sequence -> all keys and values so far,
-        (B, nh, start_pos + T, hd), read through the block tables."""
-        B, _, T, _ = k.shape
-        if any(start_pos > n for n in self.lengths):
-            raise RuntimeError(f"cache write at {start_pos} would leave a gap after {min(self.lengths)} valid positions")
-        self.write(k, v, [start_pos] * B, [T] * B)
-        return self.read([start_pos + T] * B)
-
-    def write(self, k, v, starts, n_new):
-        """Row b's first n_new[b] new keys and values (of k, v (B, nh, T, hd)) go to positions starts[b].."""
-        c = self.cache
-        slots, rows, cols = [], [], []
-        for b, (start, n) in enumerate(zip(starts, n_new)):
-            slots += c.slot_mapping(b, start, start + n)
-            rows += [b] * n
-            cols += range(n)
-            self.lengths[b] = start + n
-        slots = torch.tensor(slots, dtype=torch.long, device=k.device)
-        rows, cols = torch.tensor(rows, device=k.device), torch.tensor(cols, device=k.device)
-        flat = (-1,) + c.k_pool[self.index].shape[2:]                          # (n_blocks * block_size, nh, hd)
-        c.k_pool[self.index].view(flat)[slots] = k.transpose(1, 2)[rows, cols].to(c.k_pool[self.index].dtype)
-        c.v_pool[self.index].view(flat)[slots] = v.transpose(1, 2)[rows, cols].to(c.v_pool[self.index].dtype)
-
-    def read(self, lengths):
-        """(B, nh, max(lengths), hd) keys and values of every row; a row's entries past its length are stale."""
-        c = self.cache
-        L = max(lengths)
-        n_logical = -(-L // c.block_size)
-        table = torch.tensor([(t + [0] * n_logical)[:n_logical] for t in c.block_tables], dtype=torch.long,
-                             device=c.k_pool[self.index].device)                # (B, M) padded block tables
-        k = c.k_pool[self.index][table].flatten(1, 2)[:, :L]                    # (B, M * bs, nh, hd) -> (B, L, nh, hd)
-        v = c.v_pool[self.index][table].flatten(1, 2)[:, :L]
-        return k.transpose(1, 2), v.transpose(1, 2)
-
-
-class PagedKVCache(Cache):
-    """K/V of `n_layers` attention layers for `batch_size` sequences in pooled blocks of `block_size` tokens.
-
-    n_blocks defaults to enough for every sequence to reach max_len. Sequences may have different lengths
-    (`truncate` takes one length per row, `attend` writes and reads ragged rows). Variants subclass it to keep
-    recurrent state beside the block tables; `truncate` must roll that back too."""
-
-    def __init__(self, n_layers, batch_size, n_heads, head_dim, max_len, device, dtype, block_size=16, n_blocks=0):
-        self.batch_size, self.max_len, self.block_size = batch_size, max_len, block_size
-        n_blocks = n_blocks or batch_size * -(-max_len // block_size)
-        self.allocator = BlockAllocator(n_blocks)
-        shape = (n_blocks, block_size, n_heads, head_dim)
-        self.k_pool = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v_pool = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.block_tables = [[] for _ in range(batch_size)]   # logical block -> physical block, per sequence
-        super().__init__([PagedLayer(self, i) for i in range(n_layers)])
-
-    def slot_mapping(self, row, start, end):
-        """Flat pool slots of positions start..end-1 of sequence `row` (vLLM's slot_mapping), after allocating the
-        blocks they need and copying any shared block they write into (copy-on-write, all layers at once)."""
-        if end > self.max_len:
-            raise RuntimeError(f"cache holds {self.max_len} positions; writing up to {end} overflows it")
-        bs, table, pool = self.block_size, self.block_tables[row], self.allocator
-        for j in range(start // bs, -(-end // bs)):
-            if j == len(table):
-                table.append(pool.alloc())
-            elif pool.ref[table[j]] > 1:
-                fresh = pool.alloc()
-                for k_pool, v_pool in zip(self.k_pool, self.v_pool):
-                    k_pool[fresh], v_pool[fresh] = k_pool[table[j]], v_pool[table[j]]
-                pool.release(table[j])
-                table[j] = fresh
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
-
-    def truncate(self, n):
-        """Keep the first n positions of every row (n an int, or one length per row) and free the blocks past them."""
-        lengths = [n] * self.batch_size if isinstance(n, int) else list(n)
-        for b, keep in enumerate(lengths):
-            for layer in self.layers:
-                layer.lengths[b] = min(layer.lengths[b], keep)
-            keep_blocks = -(-max(layer.lengths[b] for layer in self.layers) // self.block_size)
-            while len(self.block_tables[b]) > keep_blocks:
-                self.allocator.release(self.block_tables[b].pop())
-
-    def fork(self, src, dst):
-        """Sequence dst becomes a copy of sequence src that shares its blocks (parallel samples, beam search, a
-        shared prompt); either one's next write into a shared block copies that block first."""
-        self.free(dst)
-        self.block_tables[dst] = list(self.block_tables[src])
-        for block in self.block_tables[dst]:
-            self.allocator.share(block)
-        for layer in self.layers:
-            layer.lengths[dst] = layer.lengths[src]
-
-    def free(self, row):
-        self.truncate([0 if b == row else self.max_len for b in range(self.batch_size)])
-
-    def attend(self, layer, q, k, v, starts, n_new):
-        """Ragged attention through the block tables: row b's queries and new keys/values (B, nh, T, hd) sit at
-        positions starts[b].., of which the first n_new[b] are real (the rest is padding, not written). Query i of
-        row b reads keys j <= starts[b] + i. Returns (B, nh, T, hd); padded queries' outputs are meaningless."""
-        self.layers[layer].write(k, v, starts, n_new)
-        lengths = [s + n for s, n in zip(starts, n_new)]
-        keys, values = self.layers[layer].read(lengths)                        # (B, nh, L, hd)
-        q_pos = torch.tensor(starts, device=q.device)[:, None] + torch.arange(q.size(2), device=q.device)  # (B, T)
-        k_pos = torch.arange(keys.size(2), device=q.device)
-        mask = (k_pos[None, None] <= q_pos[..., None]) & (k_pos < torch.tensor(lengths, device=q.device)[:, None, None])
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
-
-    def nbytes(self):
-        return sum(p.nelement() * p.element_size() for p in self.k_pool + self.v_pool)
-
-    def memory_stats(self):
-        """vLLM-style accounting of KV slots: allocated = blocks in use x block_size, used = tokens held; waste is
-        the share of allocated slots that hold no token (only the last, partly filled block of each sequence)."""
-        blocks = sum(1 for r in self.allocator.ref if r > 0)
-        allocated = blocks * self.block_size
-        used = sum(self.layers[0].lengths) if self.layers else 0
-        per_block = sum(p[0].nelement() * p.element_size() for p in self.k_pool + self.v_pool)
-        return dict(block_size=self.block_size, blocks_in_use=blocks, free_blocks=self.allocator.n_free,
-                    allocated_slots=allocated, used_slots=used, waste=1 - used / allocated if allocated else 0.0,
-                    bytes_in_use=blocks * per_block, pool_bytes=PagedKVCache.nbytes(self))  # K/V pools only
-
-
-def kv_memory_comparison(paged, contiguous):
-    """KV memory of the same sequences in a PagedKVCache and in a contiguous Cache of KVCaches (rows padded to
-    max_len), from the cache objects themselves: slots and bytes allocated and used, and the waste share."""
-    stats = paged.memory_stats()
-    used = stats["used_slots"]
-    kv = contiguous.layers[0]
-    slots = kv.k.size(0) * kv.max_len
-    return dict(paged=stats,
-                contiguous=dict(allocated_slots=slots, used_slots=used, waste=1 - used / slots,
-                                bytes_in_use=contiguous.nbytes(), pool_bytes=contiguous.nbytes()))
-
-
-@dataclass
-class InjectableSpineConfig(SpineConfig):
-    """Config fields of the InjectableSpineLM variants (v6, v7.1.2) on top of SpineConfig."""
-    chunk_size: int = 8               # chunk mode: tokens per chunk
-    n_local_layers: int = 2           # chunk mode: local decoder layers (n_layers is the global model)
-    cross_window: int = 4             # chunk mode: global outputs g_{c-w+1..c} the local decoder cross-attends to
-    n_inject_slots: int = 4           # chunk mode: memory slots per injected block
-    inject_train_prob: float = 0.5    # chunk mode training: share of rows that get an injection (0 = none)
-    inject_spine_only: bool = True    # injection anchors must be spine positions
-
-    def __post_init__(self):
-        super().__post_init__()
-        if min(self.chunk_size, self.n_local_layers, self.cross_window, self.n_inject_slots) < 1:
-            raise UsageError("chunk_size, n_local_layers, cross_window and n_inject_slots must be positive")
-        if not 0.0 <= self.inject_train_prob <= 1.0:
-            raise UsageError(f"inject_train_prob={self.inject_train_prob} must lie in [0, 1]")
-
-
-class InjectableSpineLM(LM):
-    """The body v6 and v7.1.2 share: token mode = SpineTrunk (adaptive bottom with per-token exit, lattice, top);
-    chunk mode = CrossAttentionChunkDecoder around a SpineTrunk over chunk slots, with context injection. A subclass
-    sets `self.horizon` (a module h (B, T, D) -> (B, T, H-1, D), or None) and `objective(out parts) -> (loss, aux)`
-    after calling `_build`. Injections: `with model.inject([(tokens, anchor), ...]): model.generate(...)`, or
-    `model(idx, injections=[(memory, anchor), ...])` with memory from `model.encode_injection(tokens)`."""
-
-    def _build(self, c):
-        n_top = c.n_layers - c.n_bottom_layers
-        self.wte = nn.Embedding(c.vocab_size, c.d_model)
-        self.drop = nn.Dropout(c.dropout)
-        if c.mode == "token":
-            self.wpe = nn.Embedding(c.max_seq_len, c.d_model)
-            self.trunk = SpineTrunk(c.d_model, c.n_heads, c.n_bottom_layers, n_top, c.max_seq_len, c.bias, c.dropout)
-        else:
-            n_slots = c.max_seq_len // c.chunk_size + 1
-            trunk = SpineTrunk(c.d_model, c.n_heads, c.n_bottom_layers, n_top, n_slots, c.bias, c.dropout)
-            self.chunk = CrossAttentionChunkDecoder(trunk, c.d_model, c.n_heads, c.n_local_layers, c.chunk_size,
-                                               c.max_seq_len, c.cross_window, c.n_inject_slots, c.bias, c.dropout)
-        self.ln_f = LayerNorm(c.d_model, c.bias)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying; the horizon heads read it too
-        self._injections = None
-
-    def _init(self):
-        self.apply(init_weights)  # zero-initialised gates and heads are plain Parameters: init_weights skips them
-        scale_residual_projections(self, self.config.n_layers)
-
-    def new_cache(self, batch_size, device=None, dtype=None):
-        p = next(self.parameters())
-        body = self.trunk if self.config.mode == "token" else self.chunk
-        return body.new_cache(batch_size, device or p.device, dtype or p.dtype)
-
-    # ---- context injection (chunk mode)
-    def encode_injection(self, tokens):
-        """tokens (L,) or (B, L) -> memory (B, n_inject_slots, D)."""
-        if self.config.mode != "chunk":
-            raise UsageError("context injection needs mode='chunk' (it anchors at chunk indices)")
-        tokens = tokens[None] if tokens.dim() == 1 else tokens
-        return self.chunk.encode_injection(self.wte, tokens)
-
-    def _stack_injections(self, injections):
-        """[(memory (m, D) | (B, m, D), anchor), ...] -> (memory (B|1, S, D), anchors (S,)) after checking anchors."""
-        c = self.config
-        memories, anchors = [], []
-        for memory, anchor in injections:
-            check_anchor(anchor, c.max_seq_len, c.chunk_size, c.inject_spine_only)
-            memory = memory[None] if memory.dim() == 2 else memory
-            memories.append(memory)
-            anchors.append(torch.full((memory.size(1),), anchor, dtype=torch.long, device=memory.device))
-        return torch.cat(memories, 1), torch.cat(anchors)
-
-    @contextlib.contextmanager
-    def inject(self, blocks):
-        """Within the block every forward (and so generate, cached, uncached or speculative) sees the injected
-        context: blocks = [(tokens (L,), anchor), ...], anchors being chunk indices on the spine."""
-        with torch.no_grad():
-            memories = [(self.encode_injection(tokens), anchor) for tokens, anchor in blocks]
-            stacked = self._stack_injections(memories)
-        previous, self._injections = self._injections, stacked
-        try:
-            yield self
-        finally:
-            self._injections = previous
-
-    def _training_injection(self, idx):
-        """Injection from the same document (v6_v7.md 8.4): the window's first `anchor` chunks, encoded as a block
-        and injected at the largest spine anchor <= half the window's chunks, for a random half of the rows
-        (injection dropout); the other rows get an anchor past the last slot, so they see nothing. Tokens before
-        the anchor's chunk are in every later chunk's causal past already, so the model cannot copy the future."""
-        c = self.config
-        B, T = idx.shape
-        spine = [s for s in spine_positions(T // c.chunk_size // 2 + 1) if s >= 1]
-        if not spine or c.inject_train_prob <= 0:
-            return None
-        anchor = spine[-1]
-        memory = self.chunk.encode_injection(self.wte, idx[:, :anchor * c.chunk_size])   # (B, m, D)
-        keep = torch.rand(B, 1, device=idx.device) < c.inject_train_prob
-        anchors = torch.where(keep, anchor, self.chunk.n_slots).expand(B, memory.size(1))  # (B, m)
-        return memory, anchors
-
-    def forward(self, idx, targets=None, cache=None, start_pos=0, injections=None):
-        c = self.config
-        B, T = idx.shape
-        check_context(c, start_pos, T)
-        if c.mode == "token":
-            if injections:
-                raise UsageError("context injection needs mode='chunk' (it anchors at chunk indices)")
-            pos = torch.arange(start_pos, start_pos + T, device=idx.device)
-            x = self.drop(self.wte(idx) + self.wpe(pos))                              # (B, T, D)
-            h, exit_loss, exit_depth = self.trunk(x, cache, start_pos, c.exit_threshold)
-        else:
-            inj = self._stack_injections(injections) if injections else self._injections
-            if inj is None and self.training and targets is not None:
-                inj = self._training_injection(idx)
-            h, rest = self.chunk(idx, lambda ids: self.drop(self.wte(ids)), cache, start_pos, inj,
-                                 exit_threshold=c.exit_threshold)                     # (B, T, D)
-            exit_loss, exit_depth = None if rest is None else rest[0], None
-        h = self.ln_f(h)
-        logits = self.lm_head(h)                                                      # (B, T, V)
-        horizon_hidden = None if self.horizon is None else self.horizon(h)            # (B, T, H-1, D)
-        loss = aux = None
-        if targets is not None:
-            loss, aux = self.objective(logits, targets, horizon_hidden)
-            if exit_loss is not None:
-                aux["exit"] = exit_loss
-                loss = loss + EXIT_LOSS_WEIGHT * exit_loss
-        return Output(logits=logits, loss=loss, hidden=h, aux=aux, horizon_hidden=horizon_hidden,
-                      exit_depth=exit_depth)
-
-    def draft(self, seq, k, prev_out, prev_index):
-        return horizon_draft(seq, k, prev_out, prev_index, self.wte.weight)
-
-    def speculative_stats(self, idx, max_new_tokens, temperature=0.0, draft_len=4, **kw):
-        """Speculative generation with its statistics: tokens per model call, acceptance per draft head, and the
-        wall-clock speed-up over plain cached generation of the same length (which it also runs)."""
-        stats = {}
-        out = self.generate(idx, max_new_tokens, temperature=temperature, speculative=True, draft_len=draft_len,
-                            stats=stats, **kw)
-        t0 = time.perf_counter()
-        self.generate(idx, max_new_tokens, temperature=temperature, **kw)
-        plain = time.perf_counter() - t0
-        stats["tokens_per_call"] = stats["new_tokens"] / max(1, stats["model_calls"])
-        stats["acceptance_per_head"] = acceptance_per_head(stats["accepted_hist"])[:max(0, self.config.horizon - 1)]
-        stats["plain_seconds"] = plain
-        stats["speedup"] = plain / max(stats["seconds"], 1e-9)
-        return out, stats
-
-
-def spine_lm_flops(model):
-    """Analytic training FLOPs per token (3x the forward matmul FLOPs) of an InjectableSpineLM at T = max_seq_len:
-    per block 24 D^2 (qkv, proj, 4x MLP) + 4 D x keys read; exit heads 2 D; the lattice 2 x its weights x
-    ancestors for each spine row, amortised over the axis; the tied unembedding 2 D V per offset plus each horizon
-    weight once; chunk mode adds the chunk encoder (2 D^2 per token), the local decoder (+ cross-attention
-    4 D^2, its K/V 4 D^2 per slot, 4 D per window key), and the global trunk divided by chunk_size; training
-    injection adds its share of rows times the block encoding and the gated cross-attention."""
-    c = model.config
-    D, V, T = c.d_model, c.vocab_size, c.max_seq_len
-
-    def trunk(tr, n_axis):
-        n = len(tr.bottom) + len(tr.top)
-        f = n * (24 * D * D + 4 * n_axis * D) + 2 * D * len(tr.exit_heads)
-        if tr.lattice is not None:
-            lat = tr.lattice
-            rows = len(lat.spine) - 3
-            f += 2 * sum(p.numel() for p in lat.parameters()) * lat.n_ancestors * rows / n_axis
-        return f
-
-    horizon = 0 if model.horizon is None else c.horizon - 1
-    heads = 2 * D * V * (1 + horizon) + (0 if model.horizon is None else
-                                        2 * sum(p.numel() for p in model.horizon.parameters()))
-    if c.mode == "token":
-        return 3 * (trunk(model.trunk, T) + heads)
-    C, L, w = c.chunk_size, c.n_local_layers, c.cross_window
-    n_slots = T // C + 1
-    local = 2 * D * D + L * (2 * 14 * D * D + 4 * C * D + 4 * w * D + 4 * D * D / C)
-    fwd = trunk(model.chunk.global_model, n_slots) / C + 2 * D * D + local + heads
-    if c.inject_train_prob > 0:
-        spine = [s for s in spine_positions(T // C // 2 + 1) if s >= 1]
-        if spine:
-            block = spine[-1] * C / T                   # block tokens per window token
-            fwd += c.inject_train_prob * (block * 2 * D * D + 8 * D * D / C)
-    return 3 * fwd
-
-
 def lm_selftest(name, build, modes=("token",), T=29, prompt_len=11, steps=80, overfit_below=0.5, V=512,
                 extra=None):
     """`python model_X.py`: per mode, shapes, loss ~ ln V at init, overfitting one batch, greedy cached ==
@@ -1754,32 +971,8 @@ def lm_selftest(name, build, modes=("token",), T=29, prompt_len=11, steps=80, ov
     print(f"gpt at the same size: {build_model('gpt').num_params():,} parameters")
 
 
-def spine_lm_selftest(module, name):
-    """lm_selftest for InjectableSpineLM variants, both modes, plus speculative statistics and (chunk mode) an
-    injection that leaves predictions before its anchor unchanged."""
-    def extra(model, mode, idx, cached):
-        speculative, stats = model.speculative_stats(idx[:1, :11], 24)
-        assert torch.equal(cached, speculative)
-        print(f"  speculative statistics: {stats['tokens_per_call']:.2f} tokens per model call, acceptance per "
-              f"head " + ", ".join(f"{a:.2f}" for a in stats["acceptance_per_head"])
-              + f", speed-up {stats['speedup']:.2f}x")
-        if mode == "chunk":
-            C, anchor, x = model.config.chunk_size, 2, idx[:, :-1]
-            with torch.no_grad():  # an untrained gate is exactly zero: open it to show the anchor mask at work
-                model.chunk.inject_gate.fill_(0.5)
-            with model.inject([(idx[1], anchor)]):
-                injected = model(x).logits
-            plain = model(x).logits
-            assert torch.equal(injected[:, :anchor * C - 1], plain[:, :anchor * C - 1])
-            print(f"  injection at chunk {anchor}: predictions before it unchanged, after it max change "
-                  f"{(injected - plain).abs().max().item():.2e} (gate tanh({model.chunk.inject_gate.item():.3f}))")
-
-    lm_selftest(name, lambda **kw: module.Model(make_config(module.Config, kw)), ("token", "chunk"),
-                overfit_below=0.8, extra=extra)
-
-
 # -----------------------------------------------------------------------------
-# Pell-Lucas positions and block-sparse masks (HST v8.2 and ChaosLogic; shared/spec/variants/v8_chaos.md 6.2-6.3)
+# Pell-Lucas positions and block-sparse masks (HST v8.2 and ChaosLogic)
 #
 # The true Pell-Lucas (companion Pell) numbers Q_0 = Q_1 = 2, Q_n = 2 Q_{n-1} + Q_{n-2}: 2, 6, 14, 34, 82, 198, ...
 # grow by 1 + sqrt(2) per step, so {0} U {Q_n} is a log-spaced grid of positions (the originals used doubled Pell or
@@ -1829,7 +1022,7 @@ class PellLucasPE(nn.Module):
 
 
 def pell_lucas_block_mask(q_pos, k_pos, block):
-    """Causal Pell-Lucas block-sparse pattern (spec 6.3): query block i reads key block j <= i iff
+    """Causal Pell-Lucas block-sparse pattern: query block i reads key block j <= i iff
     i - j in {0, 1} U {Q_n} or j = 0 (the sink block); inside an allowed tile the token-level causal mask holds.
     q_pos (Tq,), k_pos (Tk,) absolute positions -> bool (Tq, Tk), True = may attend. Every query sees itself."""
     i, j = q_pos[:, None] // block, k_pos[None, :] // block

@@ -1,61 +1,70 @@
-"""HST ChaosLogic-R: latent-KV attention with per-token sparse patterns, a causal task analyzer that sets each
+"""HST ChaosLogic: latent-KV attention with per-token sparse patterns, a causal task analyzer that sets each
 token's bottom depth, a gated causal lattice, and a recursive multi-scale horizon head with calibrated confidence.
 
-The corrected design of shared/spec/variants/v8_chaos.md section 6 (the original ChaosLogicAI is described, with its
-defects, in sections 2-5 of that spec). What it combines, top to bottom:
-- Embedding (6.2, 6.11): tied token embedding plus PE_SCALE (0.02, the std of GPT's learned position table) times
-  the Pell-Lucas positional encoding core.PellLucasPE. The sinusoids are O(1) per dimension; unscaled they drown
-  the token (a tiny model could not learn a bigram in 60 steps). Additive, so every key is a pure function of the
-  cached latent.
-- Latent KV attention (6.8, DeepSeek-V2's multi-head latent attention): c_t = W_dkv LN(x_t) in R^{d_c},
-  K = W_uk c, V = W_uv c, q = W_q LN(x). Only c is cached (LatentKVCache), d_c = round(0.1 * 2d) by default, so the
-  cache holds about 10x fewer bytes than a K/V cache of the same width (2d / d_c = 9.97x at d = 768). Training uses
-  the same bottleneck, so decoding from the latent cache is the full forward. K and V are re-expanded from the
-  cached latents on every call (absorbing W_uk into W_q and W_uv into W_o would avoid that; not done here).
-- Sparse patterns and the Gumbel selector (6.8, 6.10): P0 dense causal, P1 sliding window, P2 Pell-Lucas blocks
-  (core.pell_lucas_block_mask), P3 window + the first n_sink tokens. Masks are functions of absolute positions
-  only. Each attention layer l picks a pattern per query token from pi_{t,l} = W_l tau_t + b_l: a hard
-  straight-through Gumbel-softmax sample in training (noise in fp32), a noise-free argmax in eval, assembled into
-  one mask whose row t is pattern p*_t's row t. Keys are shared, so per-token choices never conflict with the cache.
-  Training computes all 4 masked attentions and sums them with the one-hot weights so that the selector gets a
-  gradient: 4x the attention-score cost of a dense layer in training (projections are shared, so a layer costs
-  well under 4x).
-- Task analyzer, depth predictor, adaptive bottom (6.9): m_t = (1/(t+1)) sum_{s<=t} W_e LN(x_s) (a prefix mean by
+The original ChaosLogicAI had a compressed cache, a Gumbel pattern selector, a task analyzer with a depth
+predictor, a gated lattice processor and a recursive horizon predictor; this is each of them made causal,
+cached and trainable. What it combines, top to bottom:
+- Embedding: tied token embedding (Press & Wolf 2017) plus PE_SCALE (0.02, the std of GPT's learned position
+  table) times the Pell-Lucas positional encoding core.PellLucasPE. The sinusoids are O(1) per dimension; unscaled
+  they drown the token (a tiny model could not learn a bigram in 60 steps). Additive, so every key is a pure
+  function of the cached latent.
+- Latent KV attention (DeepSeek-V2's multi-head latent attention, DeepSeek-AI 2024): c_t = W_dkv LN(x_t) in
+  R^{d_c}, K = W_uk c, V = W_uv c, q = W_q LN(x). Only c is cached (LatentKVCache), d_c = round(0.1 * 2d) by
+  default, so the cache holds about 10x fewer bytes than a K/V cache of the same width (2d / d_c = 9.97x at
+  d = 768). Training uses the same bottleneck, so decoding from the latent cache is the full forward. K and V are
+  re-expanded from the cached latents on every call (absorbing W_uk into W_q and W_uv into W_o would avoid that;
+  not done here).
+- Sparse patterns and the Gumbel selector: P0 dense causal, P1 sliding window (Beltagy et al. 2020), P2
+  Pell-Lucas blocks (core.pell_lucas_block_mask), P3 window + the first n_sink tokens (attention sinks, Xiao et
+  al. 2023). Masks are functions of absolute positions only. Each attention layer l picks a pattern per query
+  token from pi_{t,l} = W_l tau_t + b_l: a hard straight-through Gumbel-softmax sample (Jang et al. 2017) in
+  training (noise in fp32), a noise-free argmax in eval, assembled into one mask whose row t is pattern p*_t's
+  row t. Keys are shared, so per-token choices never conflict with the cache. Training computes all 4 masked
+  attentions and sums them with the one-hot weights so that the selector gets a gradient: 4x the attention-score
+  cost of a dense layer in training (projections are shared, so a layer costs well under 4x). P1 and P3 equal P0
+  up to `window` tokens and P2 equals P0 up to 4 blocks, so the choice matters only in longer contexts.
+- Task analyzer, depth predictor, adaptive bottom: m_t = (1/(t+1)) sum_{s<=t} W_e LN(x_s) (a prefix mean by
   cumsum, fp32), tau_t = softmax(W_c m_t) over 4 tasks, depth D_t = lo + (hi - lo) sigmoid(MLP(tau_t)) in
-  [lo, hi]. Bottom layer l applies x <- x + g_{t,l} f_l(x) with g = 1[D_t >= l - 1/2], straight-through gradient of
-  sigmoid((D_t - l + 1/2) / 0.5); compute penalty 0.01 * mean_t (D_t - lo) / (hi - lo). A skipped token's latent is
-  still computed and cached. In eval, a layer that every token of every row skips is really skipped (its latent is
-  still written); that is exactly x + 0 * f(x), the hard-gated forward.
-- Causal lattice (6.9): n_lattice_layers pre-norm latent-KV layers (FF width 8d/3, the spec's 2048 at d = 768) with
-  soft gates G_{t,l} = sigmoid(MLP(m_t)).
-- Recursive multi-scale horizon (6.7), in hidden space, at every position. With h~ = LN(h_t): coarse
-  c_o = MLP_c(h~ + E_o) (o = 4, 8); medium m_2 = MLP_m([h~; (h~ + c_4)/2]), m_6 = MLP_m([h~; (c_4 + c_8)/2]);
-  fine f_3, f_5, f_7 = MLP_f([h~; midpoint]) of (m_2, c_4), (c_4, m_6), (m_6, c_8). Every state is anchored as
-  h~ + MLP(...) so each offset starts from the current state's prediction. Canonical offsets (DESIGN.md 2.5):
-  offset 1 is the main head (so the spec's fine offset 1, the midpoint of (h~, m_2), which would predict the same
-  token t+1 again, is not built); offsets 2..8 are m_2, f_3, c_4, f_5, m_6, f_7, c_8, normed and read out through
-  the tied head (Output.horizon_hidden, (B, T, H-1, D)). Confidence kappa_{t,k} = sigmoid(MLP(LN h_t))_k for
-  k = 1..H, trained by BCE against 1[argmax_k == target_k] (target detached). Drafts (core.horizon_draft) stop at
-  the first offset with kappa < draft_min_confidence; with no confident draft it falls back to prompt lookup.
-- Objective (6.12), on the ln V scale: (CE_next + lambda_h sum_k w_k CE_k) / (1 + lambda_h), w_k = gamma^k / sum
+  [lo, hi]. Bottom layer l applies x <- x + g_{t,l} f_l(x) with g = 1[D_t >= l - 1/2], straight-through gradient
+  of sigmoid((D_t - l + 1/2) / 0.5); compute penalty 0.01 * mean_t (D_t - lo) / (hi - lo). A skipped token's
+  latent is still computed and cached. In eval, a layer that every token of every row skips is really skipped
+  (its latent is still written); that is exactly x + 0 * f(x), the hard-gated forward.
+- Causal lattice: n_lattice_layers pre-norm latent-KV layers (FF width 8d/3, the original's 2048 at d = 768)
+  with soft gates G_{t,l} = sigmoid(MLP(m_t)).
+- Recursive multi-scale horizon, in hidden space, at every position (Medusa-style heads, Cai et al. 2024). With
+  h~ = LN(h_t): coarse c_o = MLP_c(h~ + E_o) (o = 4, 8); medium m_2 = MLP_m([h~; (h~ + c_4)/2]),
+  m_6 = MLP_m([h~; (c_4 + c_8)/2]); fine f_3, f_5, f_7 = MLP_f([h~; midpoint]) of (m_2, c_4), (c_4, m_6),
+  (m_6, c_8). Every state is anchored as h~ + MLP(...) so each offset starts from the current state's
+  prediction. Offsets are canonical (offset k at t predicts token t+k): offset 1 is the main head (so a fine
+  state for offset 1, the midpoint of (h~, m_2), which would predict the same token t+1 again, is not built);
+  offsets 2..8 are m_2, f_3, c_4, f_5, m_6, f_7, c_8, normed and read out through the tied head
+  (Output.horizon_hidden, (B, T, H-1, D)). Confidence kappa_{t,k} = sigmoid(MLP(LN h_t))_k for k = 1..H, trained
+  by BCE against 1[argmax_k == target_k] (target detached). Drafts (core.horizon_draft) stop at the first offset
+  with kappa < draft_min_confidence; with no confident draft it falls back to prompt lookup. Drafts are verified
+  losslessly (Leviathan et al. 2023; Chen et al. 2023).
+- Objective, on the ln V scale: (CE_next + lambda_h sum_k w_k CE_k) / (1 + lambda_h), w_k = gamma^k / sum
   gamma^k over k = 2..H, + 0.1 BCE_kappa + 0.01 L_depth + 1e-3 L_pattern, with L_pattern = -mean_l entropy of the
   batch-mean pattern probabilities softmax(pi) (the entropy bonus against collapse). Never holds [B, T, H, V]:
   one offset at a time under activation checkpointing, as core.horizon_loss.
 
 Depth mapping (bench.py compares models at equal n_layers): bottom = max(1, n_layers // 2) layers, of which the
 first max(1, bottom // 2) are always on and the rest adaptive; top = n_layers - bottom; plus n_lattice_layers (2)
-lattice layers. The spec's 8 / 10 / 8 stacks at d = 768 are n_layers=16, n_lattice_layers=10 (and
+lattice layers. The original's 8 / 10 / 8 stacks at d = 768 are n_layers=16, n_lattice_layers=10 (and
 vocab/d_model/n_heads overrides). When no bottom layer is adaptive (n_layers <= 3) the depth is fixed and the
 penalty alone trains the depth head (as mean sigmoid(MLP(tau)), the same expression as above when hi > lo).
 
-What it does differently from the original (spec 2.3, 5): every layer is causal and cached (the original lattice
-was bidirectional and uncached); the depth comes from a causal prefix summary, per token, with a gradient, instead
-of a no_grad whole-batch mean turned into a Python int (no .item(), no host sync in training; no (None, None)
-cache holes); the compressed cache and the pattern selector are real and used (the originals were never called);
-the horizon head forecasts from every position with aligned targets through the tied head (no logits projected
-back to d, no uniform offset 7); confidence is calibrated by a real objective; positions are never clamped.
-Not built: document-id masking (this repo trains every model on plain windows), the lossy long-context latent
-pooling of 6.8, Gumbel temperature annealing (gumbel_tau is a Model attribute a training loop may anneal).
+What it does differently from the original, and why: every layer is causal and cached (the original lattice was
+bidirectional and uncached, so decoding differed from the full forward); the depth comes from a causal prefix
+summary, per token, with a gradient, instead of a no_grad whole-batch mean turned into a Python int (through
+which future tokens and other samples set every token's depth; here no .item(), no host sync in training, and
+no (None, None) cache holes that crash the next step); the compressed cache and the pattern selector are real
+and used (the originals were never called); the horizon head forecasts from every position with aligned targets
+through the tied head (no logits projected back to d, no uniform offset 7); confidence is calibrated by a real
+objective (the original's was the constant 1); positions are never clamped.
+Not built: document-id masking (this repo trains every model on plain windows), a lossy long-context mode that
+pools old latents, Gumbel temperature annealing (gumbel_tau is a Model attribute a training loop may anneal).
+
+Longer notes: docs/v8_chaoslogic.md
 """
 
 import math
@@ -224,7 +233,8 @@ class TaskAnalyzer(nn.Module):
 
 
 class CoarseToFineHorizon(nn.Module):
-    """The hidden states of offsets 2..H (spec 6.7, ChaosLogic) and the confidence logits of offsets 1..H."""
+    """The hidden states of offsets 2..H (coarse to fine, see the module docstring) and the confidence logits of
+    offsets 1..H."""
 
     def __init__(self, d_model, horizon, bias=False):
         super().__init__()

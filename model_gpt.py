@@ -2,7 +2,10 @@
 
 GPT-2 (Radford et al. 2019) as nanoGPT builds it: learned absolute positions, pre-LN blocks of causal
 self-attention and a 4x GELU MLP, a final LayerNorm, and an unembedding tied to the token embedding.
-Width and depth are the shared Config fields, so `--model=gpt` trains the same size as any variant.
+Width and depth are the shared Config fields, so `--model=gpt` trains the same size as any variant. It has no
+drafter of its own: speculative decoding proposes drafts by prompt lookup and verifies them like any variant.
+
+Longer notes: docs/README.md
 """
 
 from dataclasses import dataclass

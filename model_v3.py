@@ -1,6 +1,7 @@
 """HST v3 Ultra: a GPT with per-token early exit, the spine lattice core, and horizon heads.
 
-What it combines (shared/spec/variants/v3_v4.md, section 5):
+What it computes: token and position embeddings -> core.SpineTrunk (adaptive bottom blocks -> spine lattice core ->
+top blocks) -> LN_f -> tied LM head, plus horizon heads for offsets 2..horizon. What it combines:
 - Adaptive bottom stack (the original's AdaptiveBlock): pre-LN blocks, each but the last followed by an exit head
   c_t = sigmoid(w . LN(h_t) + b) read from the token's own state. Training runs every layer and fits the heads to
   a detached saturation target, 1[cos(h^l, h^L) > 0.95]; at inference a token stops once its confidence passes
@@ -9,18 +10,23 @@ What it combines (shared/spec/variants/v3_v4.md, section 5):
   spine rows 12, 36, 104, 304, ... fuse their spine ancestors by level and by DAG path count
   (core.LatticeCore), between the bottom and the top stack; cached, so decoding a spine row reads its ancestors.
 - Harmonic horizon predictor: Medusa-style heads (Cai et al. 2024) at every position, offset k = 2..horizon
-  predicting token t+k through the tied unembedding, trained with the discounted, normalized loss
-  (gamma = 0.95), and drafting for lossless speculative decoding (core.speculative_decode).
+  predicting token t+k through the tied unembedding (Press & Wolf 2017), trained with the discounted, normalized
+  loss (gamma = 0.95), and drafting for lossless speculative decoding (Leviathan et al. 2023; Chen et al. 2023).
 
-What it does differently from the original script (v3_v4.md sections 2 and 4):
-- Confidence per token, never pooled over the sequence or the batch, and no `.item()`: exit decisions are causal
-  and batch-independent, and the training forward is one graph.
-- The lattice runs on the bottom stack's output (as lib hst.v3.py), not on raw embeddings; it has a residual
-  with a zero-initialised output, the corrected level/path-count tables, and no dead level modules.
+What it does differently from the original script, and why:
+- Confidence per token, never pooled over the sequence or the batch, and no `.item()`: in the original, one
+  sample's last token could change the depth, hence the logits, of every position of every sample. Here exit
+  decisions are causal and batch-independent, and the training forward is one graph.
+- The lattice runs on the bottom stack's output, not on raw embeddings (where its edits were the same for every
+  context); it is a residual with a zero-initialised output (the original replaced every row with an MLP), and
+  its level and path-count tables are the corrected ones (the original's search overwrote levels and its
+  reversed path-count test left most ancestors at weight 0), with no dead level modules.
 - Horizon heads share the tied unembedding (no untied vocab matrix) and never materialize [B, T, H, V];
   the horizon weight is normalized, so next-token CE is not drowned by 6.4x of horizon loss.
 - The objective is a weighted mean, (CE_main + horizon_weight * CE_horizon) / (1 + horizon_weight), plus
   0.03 * the exit heads' BCE: it stays on the scale of next-token CE (about ln V at initialisation).
+
+Longer notes: docs/v3_v4.md
 """
 
 from dataclasses import dataclass
@@ -53,10 +59,6 @@ class Model(core.LM):
         self.horizon = core.HorizonHeads(c.d_model, c.horizon) if c.horizon > 1 else None
         self.apply(core.init_weights)
         core.scale_residual_projections(self, c.n_layers)
-
-    def new_cache(self, batch_size, device=None, dtype=None):
-        p = next(self.parameters())
-        return self.trunk.new_cache(batch_size, device or p.device, dtype or p.dtype)
 
     def forward(self, idx, targets=None, cache=None, start_pos=0):
         c = self.config

@@ -1,11 +1,11 @@
 """HST v4 Unified: one model with a token mode and a hierarchical chunk mode, behind the same forward API.
 
-Token mode is the v3 design (shared/spec/variants/v3_v4.md section 5): adaptive bottom blocks with per-token early
-exit (CALM-style K/V filling, Schuster et al. 2022), the spine lattice core (core.LatticeCore), top blocks, a KV
-cache that also keeps the lattice's spine rows, and Medusa-style horizon heads (Cai et al. 2024) that draft for
-lossless speculative decoding.
+Token mode is the v3 design: adaptive bottom blocks with per-token early exit (CALM-style K/V filling, Schuster
+et al. 2022), the spine lattice core (core.LatticeCore), top blocks, a KV cache that also keeps the lattice's
+spine rows, and Medusa-style horizon heads (Cai et al. 2024) read through the tied unembedding (Press & Wolf 2017)
+that draft for lossless speculative decoding (Leviathan et al. 2023; Chen et al. 2023).
 
-Chunk mode (MEGABYTE, Yu et al. 2023; Block Transformer, Ho et al. 2024), section 5.6, in core.ChunkHierarchy:
+Chunk mode (MEGABYTE, Yu et al. 2023; Block Transformer, Ho et al. 2024), in core.ChunkHierarchy:
 - chunk encoder: e_c from the concatenated, normed embeddings of chunk c's C tokens;
 - global model: the same trunk (adaptive bottom -> lattice over chunk slots -> top), causal over chunk slots and
   fed shifted, [start, e_0, e_1, ...], so its output g_c summarises chunks < c only;
@@ -14,15 +14,18 @@ Chunk mode (MEGABYTE, Yu et al. 2023; Block Transformer, Ho et al. 2024), sectio
 Any length works (the last group is padded; the causal masks keep padding unread), and decoding keeps caches at
 both levels: a step that completes a chunk encodes it and advances the global model by one slot.
 
-What it does differently from the original script (v3_v4.md sections 3 and 4):
+What it does differently from the original script, and why:
 - Causal everywhere: explicit causal SDPA masks with and without a cache (the original's MHA ignored is_causal and
   was bidirectional at inference); no chunk vector is visible to its own tokens (the original decoded chunk c
   from e_c, a copy task); the horizon heads predict the future from every position instead of recalling tokens
   1..4 from the last one.
 - Early exit is per token and keeps every layer's cache complete (the original dropped cache entries on exit and
   indexed the wrong layers afterwards); positions are absolute and past max_seq_len an error.
-- The lattice is cached by absolute position, so decoding a spine row equals the full forward.
+- The lattice is cached by absolute position, so decoding a spine row equals the full forward (the original ran
+  it on each call's new tokens with positions relative to the call).
 - One tied vocabulary matrix (the original had three), no flatten-MLP chunk decoder, no 65,536-row position table.
+
+Longer notes: docs/v3_v4.md
 """
 
 from dataclasses import dataclass
@@ -70,11 +73,6 @@ class Model(core.LM):
         self.horizon = core.HorizonHeads(c.d_model, c.horizon) if c.horizon > 1 else None
         self.apply(core.init_weights)
         core.scale_residual_projections(self, c.n_layers)
-
-    def new_cache(self, batch_size, device=None, dtype=None):
-        p = next(self.parameters())
-        body = self.trunk if self.config.mode == "token" else self.chunk
-        return body.new_cache(batch_size, device or p.device, dtype or p.dtype)
 
     def forward(self, idx, targets=None, cache=None, start_pos=0):
         c = self.config

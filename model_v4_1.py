@@ -1,27 +1,33 @@
 """HST v4.1 HyperLattice: a GPT whose middle is a causal hyper-lattice block, decoded through a paged KV cache.
 
-What it combines (shared/spec/variants/v4_1_v5.md, part D):
-- Paged KV cache (vLLM's PagedAttention, Kwon et al. 2023), in core.PagedKVCache: fixed 16-token blocks from a
+What it computes: embeddings -> n_bottom_layers blocks -> OffsetRoutingLattice -> the remaining blocks -> LN_f ->
+tied LM head (Press & Wolf 2017), plus horizon heads. What it combines:
+- Paged KV cache (vLLM's PagedAttention, Kwon et al. 2023), in paged_cache.py: fixed 16-token blocks from a
   preallocated pool, one block table per sequence shared by every layer, a free list, reference counts with
   copy-on-write for shared prefixes, and truncation for speculative rollback. `new_cache` returns one, so
   `generate(use_cache=True)` and speculative decoding attend through block tables.
 - Causal hyper-lattice block (the original's HyperLatticeBlock): node features n_t = GELU(LN(W_n x_t)) are mixed
   over a window of W earlier positions with weights a_{t,o} = softmax_o(w_o + r_{t,o}), where w are learnable
   lattice weights per *relative* offset o = t - j and r_t = W_r LN(x_t) is per-token content routing (W_r starts at
-  zero, so training starts from the static lattice). The mix is one banded lower-triangular matrix product;
-  an edge MLP and a gate fold the message back into the stream. Decoding keeps every position's node features.
-- Horizon heads at every position: offset k = 2..horizon at t predicts token t+k through LN(h + U_k h) and the
-  tied unembedding, trained with core.horizon_objective and drafting for lossless speculative decoding.
+  zero, so training starts from the static lattice), much like a dynamic lightweight convolution (Wu et al. 2019).
+  The mix is one banded lower-triangular matrix product; an edge MLP and a gate fold the message back into the
+  stream. Decoding keeps every position's node features.
+- Horizon heads at every position (Medusa-style, Cai et al. 2024): offset k = 2..horizon at t predicts token t+k
+  through LN(h + U_k h) and the tied unembedding, trained with core.horizon_objective and drafting for lossless
+  speculative decoding (Leviathan et al. 2023; Chen et al. 2023).
 
-What it does differently from the original script (v4_1_v5.md part C):
-- Every layer is causal (the original's bottom stack was a bidirectional nn.TransformerEncoderLayer) and cached.
+What it does differently from the original script, and why:
+- Every layer is causal (the original's bottom stack was a bidirectional nn.TransformerEncoderLayer) and cached
+  (the original decoded its bottom stack on the new token alone).
 - The lattice weights are per relative offset and receive gradients (the original indexed a 48x48 table by
-  absolute position and rebuilt it with torch.tensor, which detached it); routing is content-based, vectorized,
-  and applies at every position instead of the first 48.
+  absolute position, past and future alike, and rebuilt it with torch.tensor, which detached it); routing is
+  content-based, vectorized, and applies at every position instead of the first 48.
 - The "paged cache" is a real one (the original concatenated a growing Python list of ragged pages on every read
   and evicted pages without fixing its length counter).
 - Horizon heads forecast from every position (the original trained the last position on past tokens 1..4), one
-  tied vocabulary matrix instead of three, no clamped positions.
+  tied vocabulary matrix instead of three, no clamped positions (the original clamped at 511).
+
+Longer notes: docs/v4_1_v5.md
 """
 
 from dataclasses import dataclass
@@ -32,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import core
+import paged_cache
 
 
 class OffsetRoutingLattice(nn.Module):
@@ -84,7 +91,7 @@ class OffsetRoutingLattice(nn.Module):
         return g * self.out(e) + (1 - g) * x
 
 
-class OffsetLatticeCache(core.PagedKVCache):
+class OffsetLatticeCache(paged_cache.PagedKVCache):
     """Paged K/V of every block plus the lattice's node features (B, max_len, D) by position."""
 
     def __init__(self, nodes, *args, **kwargs):
@@ -186,7 +193,8 @@ def ragged_kv_memory(model, prompt_lens, seed=0):
     Both caches are filled by the model's own prefill of the padded batch; each paged row is then truncated to
     its prompt's length (causal attention makes the padding's K/V irrelevant to the real tokens), which frees its
     tail blocks. The contiguous cache is core.LM's: one KVCache per layer, every row preallocated to max_seq_len.
-    Bytes count K/V only. Returns core.kv_memory_comparison(...) plus the contiguous cost of rows padded only to the longest prompt."""
+    Bytes count K/V only. Returns paged_cache.kv_memory_comparison(...) plus the contiguous cost of rows padded
+    only to the longest prompt."""
     B, L = len(prompt_lens), max(prompt_lens)
     idx = torch.randint(0, model.config.vocab_size, (B, L), generator=torch.Generator().manual_seed(seed))
     paged, contiguous = model.new_cache(B), core.LM.new_cache(model, B)
@@ -195,7 +203,7 @@ def ragged_kv_memory(model, prompt_lens, seed=0):
     model(idx, cache=paged)
     paged.truncate(list(prompt_lens))
     model(idx, cache=contiguous)
-    report = core.kv_memory_comparison(paged, contiguous)
+    report = paged_cache.kv_memory_comparison(paged, contiguous)
     per_slot = contiguous.nbytes() / (B * model.config.max_seq_len)
     report["contiguous_padded_to_longest"] = dict(allocated_slots=B * L, used_slots=sum(prompt_lens),
                                                   waste=1 - sum(prompt_lens) / (B * L), bytes_in_use=B * L * per_slot)

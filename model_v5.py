@@ -1,13 +1,15 @@
 """HST v5: adaptive bottom with per-token early exit, a task-routed lattice processor, layer-aware predictive
 fields and a multi-scale recursive horizon predictor, in token mode and in hierarchical chunk mode.
 
-What it combines (shared/spec/variants/v4_1_v5.md, part D.4):
+What it computes: embeddings -> TaskRoutedTrunk (adaptive bottom -> gated lattice processor -> top blocks) -> LN_f
+-> tied LM head (Press & Wolf 2017), plus the horizon predictor fed by the predictive fields. What it combines:
 - Adaptive bottom stack with per-token early exit (core.SpineTrunk without top blocks or spine lattice): exit heads
   read each token's own state; at inference an exited token's state is frozen and its skipped layers still cache
   K/V (CALM, Schuster et al. 2022); a threshold above 1 is exactly the dense model.
 - Adaptive lattice processor (the original's task routing): causal, cached blocks, each gated per token by
   G_t = sigmoid(MLP(u_t)), where u_t is the causal prefix mean of the processor's input (decode keeps prefix sums).
-  h <- h + G_{t,i} (Block_i(h) - h). Soft gates, no Python branch on a tensor value.
+  h <- h + G_{t,i} (Block_i(h) - h), a highway-style gate (Srivastava et al. 2015). Soft gates, no Python branch
+  on a tensor value.
 - Layer-aware predictive fields (the original's RecursiveDescentLatticeAnalyzer.compute_predictive_field):
   templates over processor depth (far targets weigh shallow layers, near targets deep ones) times sigmoid(lambda)
   give, per horizon level, a weighted mean of the processor's per-layer states z^(i); the readout
@@ -15,19 +17,27 @@ What it combines (shared/spec/variants/v4_1_v5.md, part D.4):
 - Multi-scale recursive horizon predictor: offsets j = 1..Hz (canonical offset j + 1, token t+1+j) split into
   coarse {Hz/2, Hz}, medium {Hz/4, 3Hz/4} and fine (the rest) levels; each finer offset interpolates, in hidden
   space, the two nearest coarser anchors (anchor 0 is the main head's state) with alpha = (j - a) / (b - a), and
-  every offset has its own embedding, so all Hz outputs are distinct and trained at every position.
-- Chunk mode (MEGABYTE, Yu et al. 2023): core.ChunkHierarchy with this trunk (bottom -> lattice processor -> top)
-  as the global model over chunk slots; the horizon predictor reads the local decoder's states.
-- Every block caches its K/V in a core.PagedKVCache (16-token blocks from a pool).
+  every offset has its own embedding, so all Hz outputs are distinct and trained at every position. Its drafts are
+  verified losslessly (Leviathan et al. 2023; Chen et al. 2023).
+- Chunk mode (MEGABYTE, Yu et al. 2023; Block Transformer, Ho et al. 2024): core.ChunkHierarchy with this trunk
+  (bottom -> lattice processor -> top) as the global model over chunk slots; the horizon predictor reads the local
+  decoder's states.
+- Every block of the trunk caches its K/V in a paged_cache.PagedKVCache (16-token blocks from a pool; vLLM's
+  PagedAttention, Kwon et al. 2023); in chunk mode that is the global model, and the local decoder keeps an
+  ordinary contiguous cache.
 
-What it does differently from the original script (v4_1_v5.md part C):
+What it does differently from the original script, and why:
 - Causal everywhere: the router reads a prefix mean, not the whole sequence's mean; the processor's layers are
-  causal and cached; chunk c's vector is read only by later chunks.
-- No batch-mean or `.item()` decisions: gates and exits are per token; caches keep every layer at every position.
+  causal and cached (the original's were unmasked, and decoding showed them only the new token); chunk c's vector
+  is read only by later chunks (the original used it as memory for its own chunk's unshifted decoder).
+- No batch-mean or `.item()` decisions: gates and exits are per token; caches keep every layer at every position
+  (after an exit the original's shorter cache list made later layers read other layers' caches).
 - The analyzer's field is used (the original never called it), defined for every offset (no spine lookup that
   raises); the horizon predictor covers all offsets with correct, non-extrapolating interpolation weights (the
   original's had duplicates, an all-zero offset and reversed alpha) and predicts from every position.
 - One tied vocabulary matrix (the original spent 147.6 M parameters on untied vocab-sized horizon layers).
+
+Longer notes: docs/v4_1_v5.md
 """
 
 from dataclasses import dataclass
@@ -37,9 +47,10 @@ import torch
 import torch.nn as nn
 
 import core
+import paged_cache
 
 # the original's field templates over 10 lattice layers, centred at these relative depths: far targets read the
-# shallow layers, medium ones the lower middle, near ones the upper middle (v4_1_v5.md B.3); here they are smooth
+# shallow layers, medium ones the lower middle, near ones the upper middle; here they are smooth
 # bumps over relative depth, so every processor depth gets a template with no zero rows
 FIELD_CENTRES = {"far": 0.0, "medium": 0.25, "near": 0.55}
 FIELD_WIDTH = 0.25
@@ -157,7 +168,7 @@ class MultiScaleHorizon(nn.Module):
         return self.ln(torch.stack([z[j] for j in range(1, len(z))], 2))         # (B, T, Hz, D)
 
 
-class TaskRoutedCache(core.PagedKVCache):
+class TaskRoutedCache(paged_cache.PagedKVCache):
     """Paged K/V of every block (bottom, processor, top) and the router's prefix sums (B, max_len, D)."""
 
     def __init__(self, prefix_sums, *args, **kwargs):
@@ -246,11 +257,6 @@ class Model(core.LM):
         self.horizon = MultiScaleHorizon(c.d_model, c.horizon - 1, c.bias)
         self.apply(core.init_weights)
         core.scale_residual_projections(self, c.n_layers + c.n_lattice_layers)
-
-    def new_cache(self, batch_size, device=None, dtype=None):
-        p = next(self.parameters())
-        body = self.trunk if self.config.mode == "token" else self.chunk
-        return body.new_cache(batch_size, device or p.device, dtype or p.dtype)
 
     def forward(self, idx, targets=None, cache=None, start_pos=0):
         c = self.config

@@ -1,65 +1,501 @@
-"""HST v6 (Colab) and v6 Giga: one model with a token mode and a causal hierarchical chunk mode, speculative
-decoding from its horizon heads, structurally-aware context injection, and the HierarchicalPredictiveLoss.
+"""HST v6: a spine-lattice language model with a token mode and a causal hierarchical chunk mode, horizon heads
+that draft for lossless speculative decoding, context injection, and the HierarchicalPredictiveLoss.
 
-Design: shared/spec/variants/v6_v7.md section 8 (the corrected "HST-R" design); the shared parts are in core.py.
-- Token mode: adaptive bottom blocks with per-token exit heads (dense in training, CALM-style cache-consistent
-  exit at inference, exit_threshold > 1 = dense), the causal spine lattice, top blocks (core.SpineTrunk).
-- Chunk mode (core.CrossAttentionChunkDecoder): chunk encoder -> causal global model over chunk slots (the same
-  SpineTrunk, so the lattice runs over chunk indices) -> causal local decoder with grouped self-attention and
-  cross-attention to the last `cross_window` global outputs. Decoding keeps the local self-attention K/V, the cross
-  K/V projected once per global slot, and the global cache, advanced once per completed chunk.
-- Horizon heads (Medusa-style, core.HorizonHeads): offset k at t predicts t+k at every position through the tied
-  unembedding; they draft for lossless speculative decoding (core.speculative_decode: one cached verification
-  pass, greedy acceptance equal to plain greedy, Leviathan/Chen rejection when sampling, cache rollback).
-  `generate_ultra_fast` is the Giga name for it; `speculative_stats` adds acceptance per head and the speed-up.
-- Context injection (chunk mode): `encode_injection(tokens)` -> a few learned-query memory slots; they join the
-  global model's input through a zero-initialised tanh gate at slots >= the anchor chunk (a spine position), so
-  predictions of tokens in chunks before the anchor are unchanged. Training injects the window's own first chunks
-  with injection dropout (inject_train_prob).
-- Objective: core.HierarchicalPredictiveLoss, next-token CE + lambda_k = beta gamma^(k-2) weighted horizon CE +
-  consistency KL to the main head's later prediction (horizon_weight = beta, horizon_gamma = gamma).
+Token mode: embed -> adaptive bottom blocks with a per-token exit head after each (CALM, Schuster et al. 2022: dense
+in training, a token stops at inference once its confidence passes exit_threshold and its skipped layers still cache
+K/V) -> the causal spine lattice (core.LatticeCore) -> top blocks -> tied unembedding (core.SpineTrunk).
 
-What it does differently from the originals (section 7): causal everywhere (no bidirectional lattice, no chunk
-vector visible to its own tokens, no decoder fed the token it must predict); correct cached masks; cross-attention
-memory projected, not re-fed raw; injection appended causally instead of overwriting a chunk; drafts verified
-losslessly; no untrained parameters (the exit heads are trained, the injection is exercised in training).
+Chunk mode (MEGABYTE, Yu et al. 2023; Block Transformer, Ho et al. 2024): a chunk encoder turns each chunk of
+`chunk_size` tokens into one vector; a global model (the same SpineTrunk, over chunk slots, fed shifted so slot c
+summarises chunks < c) runs over them; a local decoder predicts every token of chunk c with grouped causal
+self-attention and cross-attention to the last `cross_window` global outputs. The cross-attention K/V of a global
+slot are projected once, when the slot is computed, and cached beside it.
+
+Horizon heads (Medusa, Cai et al. 2024): offset k at position t predicts token t+k through the tied unembedding.
+They draft for speculative decoding, verified by the model in one cached pass (Leviathan et al. 2023, Chen et al.
+2023), so greedy output equals plain greedy and sampled output has the model's distribution.
+
+Context injection (chunk mode): `with model.inject([(tokens, anchor)]): model.generate(...)` encodes a token block
+into `n_inject_slots` memory slots (learned queries over its chunk encodings) and adds them through a
+zero-initialised tanh gate to the global model's input at chunk slots >= anchor (a spine position), so predictions
+of tokens in chunks before the anchor never see it.
+
+Objective, the HierarchicalPredictiveLoss: next-token CE and lambda_k = beta gamma^(k-2) weighted horizon CE as a
+weighted mean (so it starts near ln V), plus a consistency KL that pulls offset k at t toward the main head's own
+later prediction of the same token; plus the exit heads' BCE.
+
+What it does differently from the original HST v6 scripts, and why:
+- Causal everywhere: the originals' lattice and chunk encoders were bidirectional, chunk vectors were visible to
+  their own tokens and the local decoder was fed the token it had to predict, so their training loss measured
+  copying. Here every output at position t depends on tokens <= t only (a test perturbs the future).
+- Cached decoding uses the same masks as the full forward; the cross-attention memory is projected, not re-fed raw.
+- Injection is added causally at its anchor instead of overwriting a chunk.
+- Drafts are verified losslessly; no parameter is left untrained (the exit heads are fitted, the injection runs in
+  training with injection dropout).
+Longer notes: docs/v6_v7.md.
 """
 
+import contextlib
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
 import core
+import generate
+
+
+# -----------------------------------------------------------------------------
+# chunk mode: a local decoder that cross-attends to the global outputs, and context injection
+#
+# The local decoder of chunk c cross-attends to a window of the global outputs g_{c-w+1..c}; each summarises chunks
+# before its slot, so the window is causal. Context injection encodes an external token block into a few memory
+# slots and adds it, through a zero-initialised gate, to the global model's input at slots >= its anchor.
+
+class WindowCrossAttention(nn.Module):
+    """Each query attends to its own few memory slots: x (B, U, D), kv (B, U, S, 2D) projected by `project`, mask
+    (U, S) or (B, U, S) of readable slots. A query with no readable slot gets exactly zero."""
+
+    def __init__(self, d_model, n_heads, bias=False):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.q = nn.Linear(d_model, d_model, bias=bias)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def project(self, memory):
+        return self.kv(memory)  # (..., S, D) -> (..., S, 2D)
+
+    def forward(self, x, kv, mask):
+        B, U, D = x.shape
+        nh, hd = self.n_heads, self.head_dim
+        q = self.q(x).view(B, U, nh, hd)
+        k, v = kv.view(B, U, kv.size(2), 2, nh, hd).unbind(3)                       # (B, U, S, nh, hd)
+        scores = torch.einsum("buhd,bushd->buhs", q, k).float() / math.sqrt(hd)     # fp32: -1e9 fits
+        mask = mask[..., None, :]                                                    # (.., U, 1, S)
+        # a finite fill keeps the softmax and its gradient nan-free when nothing is readable; those rows are zeroed
+        probs = scores.masked_fill(~mask, -1e9).softmax(-1) * mask.any(-1, keepdim=True)
+        return self.proj(torch.einsum("buhs,bushd->buhd", probs.to(v.dtype), v).reshape(B, U, D))
+
+
+class CrossBlock(core.GroupedBlock):
+    """Grouped causal self-attention, then cross-attention to the group's window of global outputs, then the MLP."""
+
+    def __init__(self, d_model, n_heads, group_size, bias=False, dropout=0.0):
+        super().__init__(d_model, n_heads, group_size, bias, dropout)
+        self.ln_x = core.LayerNorm(d_model, bias)
+        self.xattn = WindowCrossAttention(d_model, n_heads, bias)
+
+    def forward(self, x, kv_mem, mem_mask, kv_cache=None, start_pos=0):
+        x = x + self.attn(self.ln_1(x), kv_cache, start_pos)
+        x = x + self.xattn(self.ln_x(x), kv_mem, mem_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class CrossLocalDecoder(core.LocalDecoder):
+    """A local decoder whose blocks also cross-attend to the last `window` global outputs g_{c-window+1..c} of their
+    group c (the additive conditioning on g_c stays)."""
+
+    def __init__(self, d_model, n_heads, n_layers, chunk_size, window, bias=False, dropout=0.0):
+        super().__init__(d_model, n_heads, n_layers, chunk_size, bias, dropout)
+        self.window = window
+        self.blocks = nn.ModuleList(CrossBlock(d_model, n_heads, chunk_size, bias, dropout) for _ in range(n_layers))
+
+    def project_memory(self, g):
+        """g (B, S, D) -> (B, n_layers, S, 2D): every layer's cross K/V of these global slots, computed once."""
+        return torch.stack([b.xattn.project(g) for b in self.blocks], 1)
+
+    def forward(self, x, g, memory, caches=None, start=0):
+        """x (B, U, D) slot inputs from stream slot `start`; g (B, n, D) global outputs and memory their projected
+        K/V (B, n_layers, n, 2D), indexed by global slot."""
+        slot = torch.arange(start, start + x.size(1), device=x.device)               # (U,) stream slots
+        group = slot // self.chunk_size
+        window = group[:, None] - torch.arange(self.window, device=x.device)         # (U, w) own slot first
+        mask = window >= 0
+        window = window.clamp_min(0)
+        h = x + self.wpe(slot % self.chunk_size) + self.cond(g[:, group])
+        for i, block in enumerate(self.blocks):
+            h = block(h, memory[:, i][:, window], mask, None if caches is None else caches[i], start)
+        return h
+
+
+class CrossChunkCache(core.ChunkCache):
+    """core.ChunkCache plus the local decoder's cross K/V per global slot (B, n_layers, n_slots, 2D). Like the global
+    outputs they are written by slot index when the slot is (re)computed, so rollback needs no more than
+    core.ChunkCache's pointers."""
+
+    def __init__(self, local_layers, global_cache, tokens, context, cross_kv, chunk_size):
+        super().__init__(local_layers, global_cache, tokens, context, chunk_size)
+        self.cross_kv = cross_kv
+
+    def nbytes(self):
+        return super().nbytes() + self.cross_kv.nelement() * self.cross_kv.element_size()
+
+
+class CrossAttentionChunkDecoder(core.ChunkHierarchy):
+    """Chunk mode of v6 / v7.1.2: core.ChunkHierarchy with the cross-attending local decoder and context injection.
+
+    Incremental generation keeps three caches in a CrossChunkCache: the local decoder's self-attention K/V, the
+    cross-attention K/V projected once per global slot, and the global model's cache, advanced once per completed
+    chunk. forward(idx, embed, cache, start_pos, injections, **global_kwargs) -> (hidden (B, T, D), rest) as
+    core.ChunkHierarchy; `injections` is None or (memory (B|1, S, D), anchors (S,) long): memory slot s is visible to
+    global slots >= anchors[s], i.e. to the predictions of tokens in chunks >= anchors[s] (logits at positions
+    >= anchor * C - 1)."""
+
+    def __init__(self, global_model, d_model, n_heads, n_local_layers, chunk_size, max_seq_len, window=4,
+                 n_inject_slots=4, bias=False, dropout=0.0):
+        super().__init__(global_model, d_model, n_heads, n_local_layers, chunk_size, max_seq_len, bias, dropout)
+        self.local = CrossLocalDecoder(d_model, n_heads, n_local_layers, chunk_size, window, bias, dropout)
+        # injection: chunk encodings of the block -> n_inject_slots learned-query slots -> gated cross-attention
+        self.inject_queries = nn.Parameter(torch.randn(n_inject_slots, d_model) * 0.02)
+        self.inject_pool = WindowCrossAttention(d_model, n_heads, bias)
+        self.inject_ln = core.LayerNorm(d_model, bias)
+        self.inject_xattn = WindowCrossAttention(d_model, n_heads, bias)
+        self.inject_gate = nn.Parameter(torch.zeros(()))   # tanh(0) = 0: an untrained injection changes nothing
+
+    def new_cache(self, batch_size, device, dtype):
+        base = super().new_cache(batch_size, device, dtype)
+        D = self.bos.numel()
+        cross = torch.zeros(batch_size, len(self.local.blocks), self.n_slots, 2 * D, device=device, dtype=dtype)
+        return CrossChunkCache(base.layers, base.global_cache, base.tokens, base.context, cross, self.chunk_size)
+
+    def encode_injection(self, embed, tokens):
+        """tokens (B, L) -> memory (B, n_inject_slots, D): the block's chunk encodings (the padded tail chunk has
+        zero rows for its pads), pooled by learned queries."""
+        B, L = tokens.shape
+        C = self.chunk_size
+        n = -(-L // C)
+        emb = F.pad(embed(tokens), (0, 0, 0, n * C - L))                             # (B, n C, D)
+        chunks = self.encoder(emb.view(B, n, C, -1))                                  # (B, n, D)
+        S = self.inject_queries.size(0)
+        q = self.inject_queries.expand(B, S, -1).to(chunks.dtype)
+        mask = torch.ones(S, n, dtype=torch.bool, device=tokens.device)
+        return q + self.inject_pool(q, self.inject_pool.project(chunks)[:, None].expand(B, S, n, -1), mask)
+
+    def _inject(self, x, slots, injections):
+        if injections is None:
+            return x
+        B = x.size(0)
+        memory, anchors = injections                                              # (B|1, S, D), (S,)
+        kv = self.inject_xattn.project(memory).expand(B, -1, -1)                  # (B, S, 2D)
+        # anchor mask: (N, S), or (B, N, S) for per-row anchors (B, S) (training's injection dropout)
+        mask = slots[:, None] >= anchors[None] if anchors.dim() == 1 else slots[:, None] >= anchors[:, None]
+        update = self.inject_xattn(self.inject_ln(x), kv[:, None].expand(B, x.size(1), -1, -1), mask)
+        return x + torch.tanh(self.inject_gate) * update
+
+    def _local_full(self, stream, g):
+        return self.local(stream, g, self.local.project_memory(g))
+
+    def _store_context(self, cache, lo, hi, g):
+        super()._store_context(cache, lo, hi, g)
+        cache.cross_kv[:, :, lo:hi] = self.local.project_memory(g)     # projected once per global slot
+
+    def _local_cached(self, stream, cache, first, end):
+        return self.local(stream, cache.context, cache.cross_kv, cache.layers, first)
+
+
+def check_anchor(anchor, max_seq_len, chunk_size, spine_only=True):
+    """An injection anchor is a chunk index below max_seq_len // chunk_size and, when spine_only, on the spine."""
+    n_chunks = max_seq_len // chunk_size
+    if not isinstance(anchor, int) or not 0 <= anchor < n_chunks:
+        raise core.UsageError(f"injection anchor {anchor!r} is out of range: chunk indices run 0..{n_chunks - 1} "
+                         f"(max_seq_len={max_seq_len} // chunk_size={chunk_size})")
+    spine = core.spine_positions(n_chunks)
+    if spine_only and anchor not in spine:
+        raise core.UsageError(f"injection anchor {anchor} is not a spine position; use one of {spine}")
+
+
+class _LogSumExpAndPick(torch.autograd.Function):
+    """(logits (N, V) fp32, index (N,)) -> (logsumexp (N,), logits[n, index[n]] (N,)), with a backward that
+    writes softmax * g_lse + onehot * g_pick in one buffer: a cross-entropy and a KL share one pass over V,
+    where autograd's logsumexp + gather would allocate, fill and add three (B, T, V) tensors."""
+
+    @staticmethod
+    def forward(ctx, logits, index):
+        lse = torch.logsumexp(logits, -1)
+        ctx.save_for_backward(logits, index, lse)
+        return lse, logits.gather(-1, index[:, None])[:, 0]
+
+    @staticmethod
+    def backward(ctx, g_lse, g_pick):
+        logits, index, lse = ctx.saved_tensors
+        grad = torch.sub(logits, lse[:, None]).exp_().mul_(g_lse[:, None])
+        grad.scatter_add_(1, index[:, None], g_pick[:, None])
+        return grad, None
+
+
+def _offset_terms(z, unembed, target, expected_row, neg_entropy):
+    """CE of one offset's logits against its targets and KL(main || offset), summed over valid positions.
+    With logits = z W^T and p the main head's distribution, sum_v p_v log q_v = z . (p W) - logsumexp(z W^T), so the
+    KL needs the expected unembedding row p W (computed once, outside) instead of a second pass over V."""
+    logits = F.linear(z, unembed).float()                                              # (B, T, V)
+    lse, target_logit = _LogSumExpAndPick.apply(logits.flatten(0, 1), target.clamp_min(0).flatten())
+    lse, target_logit = lse.view_as(target), target_logit.view_as(target)              # (B, T)
+    valid = target >= 0
+    ce = ((lse - target_logit) * valid).sum()
+    cross = (z.float() * expected_row).sum(-1) - lse                                  # sum_v p_v log q_v
+    kl = ((neg_entropy - cross) * valid).sum()
+    return ce, kl
+
+
+def hierarchical_predictive_loss(logits, targets, horizon_hidden, unembed, beta=0.3, gamma=0.8, consistency=0.1):
+    """v6's training objective, the HierarchicalPredictiveLoss:
+    (CE_main + sum_k lambda_k CE_k) / (1 + sum_k lambda_k) + consistency * mean_k KL(sg(p_main[t+k-1]) || q_k[t]),
+    lambda_k = beta * gamma^(k-2) for offsets k = 2..H. The CE part is a weighted mean, so the objective starts near
+    ln V; the consistency term pulls offset k at t toward the main head's later prediction of the same token.
+    Targets of -1 are ignored everywhere; each offset's (B, T, V) logits are recomputed in the backward pass, so
+    no [B, T, H, V] tensor exists. -> (loss, {"lm", "horizon", "consistency"})."""
+    if horizon_hidden is None:
+        aux = {"lm": core.lm_loss(logits, targets)}
+        return aux["lm"], aux
+    # one log-softmax over V serves the next-token CE and the consistency target
+    main_logp = logits.float().log_softmax(-1)                                          # (B, T, V)
+    aux = {"lm": F.nll_loss(main_logp.flatten(0, 1), targets.reshape(-1), ignore_index=-1)}
+    with torch.no_grad():  # the main head is the consistency target (stop-grad): one pass over V for all offsets
+        p = main_logp.exp()
+        neg_entropy = (p * main_logp).sum(-1)                                           # (B, T)
+    expected_row = p @ unembed.float()                  # (B, T, D); the unembedding gets its KL gradient through it
+    ce_sum, kl_sum, lam_sum = 0.0, 0.0, 0.0
+    n_off = horizon_hidden.size(2)
+    for j in range(n_off):
+        k = j + 2
+        target = core.horizon_targets(targets, k)
+        # main head at t+k-1 predicts the same token as offset k at t; pad the shifted rows (masked anyway)
+        row = F.pad(expected_row[:, k - 1:], (0, 0, 0, k - 1))
+        neg_h = F.pad(neg_entropy[:, k - 1:], (0, k - 1))
+        ce, kl = torch.utils.checkpoint.checkpoint(_offset_terms, horizon_hidden[:, :, j], unembed, target, row,
+                                                   neg_h, use_reentrant=False)
+        count = (target >= 0).sum().clamp_min(1)
+        lam = beta * gamma ** (k - 2)
+        ce_sum, kl_sum, lam_sum = ce_sum + lam * ce / count, kl_sum + kl / count, lam_sum + lam
+    aux["horizon"] = ce_sum / lam_sum
+    aux["consistency"] = kl_sum / n_off
+    loss = (aux["lm"] + ce_sum) / (1 + lam_sum) + consistency * aux["consistency"]
+    return loss, aux
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+@dataclass
+class ChunkInjectionConfig(core.SpineConfig):
+    """The spine-lattice fields (core.SpineConfig) plus chunk mode and context injection: v6 and v7.1.2."""
+    chunk_size: int = 8               # chunk mode: tokens per chunk
+    n_local_layers: int = 2           # chunk mode: local decoder layers (n_layers is the global model)
+    cross_window: int = 4             # chunk mode: global outputs g_{c-w+1..c} the local decoder cross-attends to
+    n_inject_slots: int = 4           # chunk mode: memory slots per injected block
+    inject_train_prob: float = 0.5    # chunk mode training: share of rows that get an injection (0 = none)
+    inject_spine_only: bool = True    # injection anchors must be spine positions
+    modes: ClassVar[tuple] = ("token", "chunk")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if min(self.chunk_size, self.n_local_layers, self.cross_window, self.n_inject_slots) < 1:
+            raise core.UsageError("chunk_size, n_local_layers, cross_window and n_inject_slots must be positive")
+        if not 0.0 <= self.inject_train_prob <= 1.0:
+            raise core.UsageError(f"inject_train_prob={self.inject_train_prob} must lie in [0, 1]")
 
 
 @dataclass
-class Config(core.InjectableSpineConfig):  # SpineConfig + chunk_size, n_local_layers, cross_window, injection
+class Config(ChunkInjectionConfig):
     horizon_weight: float = 0.3       # beta of the HierarchicalPredictiveLoss: lambda_k = beta * gamma^(k-2)
     horizon_gamma: float = 0.8        # gamma of the HierarchicalPredictiveLoss
     consistency_weight: float = 0.1   # weight of KL(sg(p_main[t+k-1]) || q_k[t])
-    modes: ClassVar[tuple] = ("token", "chunk")
 
 
-class Model(core.InjectableSpineLM):
+class Model(core.LM):
+    """Token mode: wte + wpe -> SpineTrunk -> ln_f -> tied head (+ horizon). Chunk mode: wte -> chunk encoder ->
+    global SpineTrunk over chunk slots (+ injection) -> cross-attending local decoder -> ln_f -> tied head
+    (+ horizon). A variant that builds on v6 (v7.1.2) replaces `build_horizon` and `objective`."""
+
     def __init__(self, config):
         super().__init__()
         self.config = c = config
-        self._build(c)
-        self.horizon = core.HorizonHeads(c.d_model, c.horizon) if c.horizon > 1 else None
-        self.loss_fn = core.HierarchicalPredictiveLoss(c.horizon_weight, c.horizon_gamma, c.consistency_weight)
-        self._init()
+        n_top = c.n_layers - c.n_bottom_layers
+        self.wte = nn.Embedding(c.vocab_size, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        if c.mode == "token":
+            self.wpe = nn.Embedding(c.max_seq_len, c.d_model)
+            self.trunk = core.SpineTrunk(c.d_model, c.n_heads, c.n_bottom_layers, n_top, c.max_seq_len, c.bias,
+                                         c.dropout)
+        else:
+            n_slots = c.max_seq_len // c.chunk_size + 1
+            trunk = core.SpineTrunk(c.d_model, c.n_heads, c.n_bottom_layers, n_top, n_slots, c.bias, c.dropout)
+            self.chunk = CrossAttentionChunkDecoder(trunk, c.d_model, c.n_heads, c.n_local_layers, c.chunk_size,
+                                                    c.max_seq_len, c.cross_window, c.n_inject_slots, c.bias,
+                                                    c.dropout)
+        self.ln_f = core.LayerNorm(c.d_model, c.bias)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017); the horizon heads read it too
+        self.horizon = self.build_horizon(c)
+        self._injections = None
+        self.apply(core.init_weights)  # zero-initialised gates and heads are plain Parameters: init_weights skips them
+        core.scale_residual_projections(self, c.n_layers)
+
+    def build_horizon(self, c):
+        """Offsets 2..horizon: h (B, T, D) -> (B, T, H-1, D), read through the tied unembedding."""
+        return core.HorizonHeads(c.d_model, c.horizon) if c.horizon > 1 else None
 
     def objective(self, logits, targets, horizon_hidden):
-        return self.loss_fn(logits, targets, horizon_hidden, self.wte.weight)
+        c = self.config
+        return hierarchical_predictive_loss(logits, targets, horizon_hidden, self.wte.weight, c.horizon_weight,
+                                            c.horizon_gamma, c.consistency_weight)
+
+    def forward(self, idx, targets=None, cache=None, start_pos=0, injections=None):
+        c = self.config
+        B, T = idx.shape
+        core.check_context(c, start_pos, T)
+        if c.mode == "token":
+            if injections:
+                raise core.UsageError("context injection needs mode='chunk' (it anchors at chunk indices)")
+            pos = torch.arange(start_pos, start_pos + T, device=idx.device)
+            x = self.drop(self.wte(idx) + self.wpe(pos))                              # (B, T, D)
+            h, exit_loss, exit_depth = self.trunk(x, cache, start_pos, c.exit_threshold)    # (B, T, D)
+        else:
+            inj = self._stack_injections(injections) if injections else self._injections
+            if inj is None and self.training and targets is not None:
+                inj = self._training_injection(idx)
+            # chunk encoder -> global trunk over slots (+ injection) -> local decoder; exits are per global slot
+            h, rest = self.chunk(idx, lambda ids: self.drop(self.wte(ids)), cache, start_pos, inj,
+                                 exit_threshold=c.exit_threshold)                     # (B, T, D)
+            exit_loss, exit_depth = None if rest is None else rest[0], None
+        h = self.ln_f(h)
+        logits = self.lm_head(h)                                                      # (B, T, V)
+        horizon_hidden = None if self.horizon is None else self.horizon(h)            # (B, T, H-1, D)
+        loss = aux = None
+        if targets is not None:
+            loss, aux = self.objective(logits, targets, horizon_hidden)
+            if exit_loss is not None:
+                aux["exit"] = exit_loss
+                loss = loss + core.EXIT_LOSS_WEIGHT * exit_loss
+        return core.Output(logits=logits, loss=loss, hidden=h, aux=aux, horizon_hidden=horizon_hidden,
+                           exit_depth=exit_depth)
+
+    # ---- context injection (chunk mode)
+    def encode_injection(self, tokens):
+        """tokens (L,) or (B, L) -> memory (B, n_inject_slots, D)."""
+        if self.config.mode != "chunk":
+            raise core.UsageError("context injection needs mode='chunk' (it anchors at chunk indices)")
+        tokens = tokens[None] if tokens.dim() == 1 else tokens
+        return self.chunk.encode_injection(self.wte, tokens)
+
+    def _stack_injections(self, injections):
+        """[(memory (m, D) | (B, m, D), anchor), ...] -> (memory (B|1, S, D), anchors (S,)) after checking anchors."""
+        c = self.config
+        memories, anchors = [], []
+        for memory, anchor in injections:
+            check_anchor(anchor, c.max_seq_len, c.chunk_size, c.inject_spine_only)
+            memory = memory[None] if memory.dim() == 2 else memory
+            memories.append(memory)
+            anchors.append(torch.full((memory.size(1),), anchor, dtype=torch.long, device=memory.device))
+        return torch.cat(memories, 1), torch.cat(anchors)
+
+    @contextlib.contextmanager
+    def inject(self, blocks):
+        """Within the block every forward (and so generate, cached, uncached or speculative) sees the injected
+        context: blocks = [(tokens (L,), anchor), ...], anchors being chunk indices on the spine."""
+        with torch.no_grad():
+            memories = [(self.encode_injection(tokens), anchor) for tokens, anchor in blocks]
+            stacked = self._stack_injections(memories)
+        previous, self._injections = self._injections, stacked
+        try:
+            yield self
+        finally:
+            self._injections = previous
+
+    def _training_injection(self, idx):
+        """Injection from the same document: the window's first `anchor` chunks, encoded as a block and injected at
+        the largest spine anchor <= half the window's chunks, for a random share inject_train_prob of the rows
+        (injection dropout); the other rows get an anchor past the last slot, so they see nothing. Tokens before
+        the anchor's chunk are in every later chunk's causal past already, so the model cannot copy the future."""
+        c = self.config
+        B, T = idx.shape
+        spine = [s for s in core.spine_positions(T // c.chunk_size // 2 + 1) if s >= 1]
+        if not spine or c.inject_train_prob <= 0:
+            return None
+        anchor = spine[-1]
+        memory = self.chunk.encode_injection(self.wte, idx[:, :anchor * c.chunk_size])   # (B, m, D)
+        keep = torch.rand(B, 1, device=idx.device) < c.inject_train_prob
+        anchors = torch.where(keep, anchor, self.chunk.n_slots).expand(B, memory.size(1))  # (B, m)
+        return memory, anchors
+
+    # ---- decoding
+    def draft(self, seq, k, prev_out, prev_index):
+        return core.horizon_draft(seq, k, prev_out, prev_index, self.wte.weight)
+
+    def speculative_stats(self, idx, max_new_tokens, temperature=0.0, draft_len=4, **kw):
+        """Tokens per model call, acceptance per draft head, and the speed-up over plain cached decoding."""
+        return generate.speculative_stats(self, idx, max_new_tokens, temperature, draft_len, **kw)
 
     def generate_ultra_fast(self, idx, max_new_tokens, temperature=0.0, draft_len=4, **kw):
-        """The Giga name for lossless speculative generation (drafts from the horizon heads)."""
+        """The original v6 name for lossless speculative generation (drafts from the horizon heads)."""
         return self.generate(idx, max_new_tokens, temperature=temperature, speculative=True, draft_len=draft_len,
                              **kw)
 
     def flops_per_token(self):
-        return core.spine_lm_flops(self)
+        """Analytic training FLOPs per token (3x the forward matmul FLOPs) of this model at T = max_seq_len:
+        per block 24 D^2 (qkv, proj, 4x MLP) + 4 D x keys read; exit heads 2 D; the lattice 2 x its weights x
+        ancestors for each spine row, amortised over the axis; the tied unembedding 2 D V per offset plus each horizon
+        weight once; chunk mode adds the chunk encoder (2 D^2 per token), the local decoder (+ cross-attention
+        4 D^2, its K/V 4 D^2 per slot, 4 D per window key), and the global trunk divided by chunk_size; training
+        injection adds its share of rows times the block encoding and the gated cross-attention."""
+        c = self.config
+        D, V, T = c.d_model, c.vocab_size, c.max_seq_len
+
+        def trunk(tr, n_axis):
+            n = len(tr.bottom) + len(tr.top)
+            f = n * (24 * D * D + 4 * n_axis * D) + 2 * D * len(tr.exit_heads)
+            if tr.lattice is not None:
+                lat = tr.lattice
+                rows = len(lat.spine) - 3
+                f += 2 * sum(p.numel() for p in lat.parameters()) * lat.n_ancestors * rows / n_axis
+            return f
+
+        horizon = 0 if self.horizon is None else c.horizon - 1
+        heads = 2 * D * V * (1 + horizon) + (0 if self.horizon is None else
+                                            2 * sum(p.numel() for p in self.horizon.parameters()))
+        if c.mode == "token":
+            return 3 * (trunk(self.trunk, T) + heads)
+        C, L, w = c.chunk_size, c.n_local_layers, c.cross_window
+        n_slots = T // C + 1
+        local = 2 * D * D + L * (2 * 14 * D * D + 4 * C * D + 4 * w * D + 4 * D * D / C)
+        fwd = trunk(self.chunk.global_model, n_slots) / C + 2 * D * D + local + heads
+        if c.inject_train_prob > 0:
+            spine = [s for s in core.spine_positions(T // C // 2 + 1) if s >= 1]
+            if spine:
+                block = spine[-1] * C / T                   # block tokens per window token
+                fwd += c.inject_train_prob * (block * 2 * D * D + 8 * D * D / C)
+        return 3 * fwd
+
+
+def selftest(module, name):
+    """core.lm_selftest for v6 and the variants built on it (v7.1.2), both modes, plus speculative statistics
+    and (chunk mode) an injection that leaves predictions before its anchor unchanged."""
+    def extra(model, mode, idx, cached):
+        speculative, stats = model.speculative_stats(idx[:1, :11], 24)
+        assert torch.equal(cached, speculative)
+        print(f"  speculative statistics: {stats['tokens_per_call']:.2f} tokens per model call, acceptance per "
+              f"head " + ", ".join(f"{a:.2f}" for a in stats["acceptance_per_head"])
+              + f", speed-up {stats['speedup']:.2f}x")
+        if mode == "chunk":
+            C, anchor, x = model.config.chunk_size, 2, idx[:, :-1]
+            # plumbing check: an untrained gate is exactly zero, so open it by hand to show the anchor mask
+            with torch.no_grad():
+                model.chunk.inject_gate.fill_(0.5)
+            with model.inject([(idx[1], anchor)]):
+                injected = model(x).logits
+            plain = model(x).logits
+            assert torch.equal(injected[:, :anchor * C - 1], plain[:, :anchor * C - 1])
+            print(f"  injection at chunk {anchor}: predictions before it unchanged, after it max change "
+                  f"{(injected - plain).abs().max().item():.2e} (gate tanh({model.chunk.inject_gate.item():.3f}))")
+
+    core.lm_selftest(name, lambda **kw: module.Model(core.make_config(module.Config, kw)), ("token", "chunk"),
+                overfit_below=0.8, extra=extra)
 
 
 if __name__ == "__main__":
     import sys
-    core.spine_lm_selftest(sys.modules[__name__], "v6")
+    selftest(sys.modules[__name__], "v6")

@@ -1,21 +1,24 @@
-"""HST v7.1.2 Agile: adaptive-depth bottom stack, spine lattice, recursive horizon predictor with lattice (offset)
-embeddings, lossless speculative verification by the target model, and a chunk mode with context injection.
+"""HST v7.1.2 Agile: v6's model (model_v6.py: adaptive-depth bottom stack with per-token early exit, spine
+lattice, top blocks; a chunk mode with a cross-attending local decoder and context injection) with a recursive
+horizon predictor in place of v6's independent horizon heads, and the plain discounted horizon objective in place of
+v6's HierarchicalPredictiveLoss.
 
-Design: shared/spec/variants/v6_v7.md section 8; the body is shared with v6 (core.InjectableSpineLM).
-- Adaptive bottom transformer: per-token dynamic depth, predicted by an exit head after each bottom layer from the
-  token's own state (core.SpineTrunk): every layer runs in training, where the heads are fitted to a detached
-  saturation target; at inference a token stops once its confidence passes exit_threshold, and its skipped layers
-  still cache K/V (CALM), so caches stay consistent; exit_threshold > 1 is the dense model.
+What it adds to v6:
 - Recursive horizon predictor (RecursiveHorizon): offsets are predicted far to near; offset k reads the final
-  state h plus its lattice (offset) embedding, mixed with a projection of offset k+1's hidden state by a weight in
-  [0, 1] (the original mixed raw V-dim logits with weights outside [0, 1] and left most offsets as zero logits).
-  Every offset 2..horizon predicts t+k at every position through the tied unembedding.
-- Speculative verifier: no separate network (the original's was never called and never trained). The horizon
-  offsets draft and the target model verifies in one cached pass (core.speculative_decode): greedy output equals
-  plain greedy, sampling uses the Leviathan/Chen rejection rule.
-- Chunk mode with context injection: core.CrossAttentionChunkDecoder, exactly as v6 (the original v7.1.2 chunk mode
-  emitted one row of logits per chunk and crashed in its loss).
-- Objective: core.horizon_objective (normalized, discounted horizon CE) plus the exit heads' BCE.
+  state h plus a learned offset embedding, mixed with a projection of offset k+1's hidden state by a weight in
+  [0, 1]. Every offset 2..horizon predicts token t+k at every position through the tied unembedding, and the
+  offsets draft for lossless speculative decoding (Leviathan et al. 2023, Chen et al. 2023): the target model
+  verifies the drafts in one cached pass, so greedy output equals plain greedy.
+- Objective: core.horizon_objective (next-token CE and normalized, discounted horizon CE) plus the exit heads' BCE.
+- Adaptive depth as in v6: each bottom layer's exit head predicts from the token's own state whether it may stop
+  (CALM, Schuster et al. 2022); skipped layers still cache K/V, so caches stay consistent.
+
+What it does differently from the original v7.1.2 script, and why: the original mixed raw V-dim logits with
+weights outside [0, 1] and left most offsets as zero logits (so most drafts were noise); its separate speculative
+verifier network was never called or trained (verification here is the target model itself, which is what makes
+speculation lossless); and its chunk mode emitted one row of logits per chunk and crashed in its loss (chunk mode
+here is v6's, predicting every token).
+Longer notes: docs/v6_v7.md.
 """
 
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import core
+import model_v6
 
 
 class RecursiveHorizon(nn.Module):
@@ -54,27 +58,22 @@ class RecursiveHorizon(nn.Module):
 
 
 @dataclass
-class Config(core.InjectableSpineConfig):  # SpineConfig + chunk_size, n_local_layers, cross_window, injection
+class Config(model_v6.ChunkInjectionConfig):  # SpineConfig + chunk mode + injection (model_v6.ChunkInjectionConfig)
     horizon: int = 6                  # offsets 1..6: five recursive horizon offsets draft for speculation
     modes: ClassVar[tuple] = ("token", "chunk")
 
 
-class Model(core.InjectableSpineLM):
-    def __init__(self, config):
-        super().__init__()
-        self.config = c = config
-        self._build(c)
-        self.horizon = RecursiveHorizon(c.d_model, c.horizon) if c.horizon > 1 else None
-        self._init()
+class Model(model_v6.Model):
+    """v6's body and forward (model_v6.Model.forward) with the recursive horizon and the discounted horizon loss."""
+
+    def build_horizon(self, c):
+        return RecursiveHorizon(c.d_model, c.horizon) if c.horizon > 1 else None
 
     def objective(self, logits, targets, horizon_hidden):
         return core.horizon_objective(logits, targets, horizon_hidden, self.wte.weight, None,
                                       self.config.horizon_weight, self.config.horizon_gamma)
 
-    def flops_per_token(self):
-        return core.spine_lm_flops(self)
-
 
 if __name__ == "__main__":
     import sys
-    core.spine_lm_selftest(sys.modules[__name__], "v7_1_2")
+    model_v6.selftest(sys.modules[__name__], "v7_1_2")

@@ -1,40 +1,52 @@
-"""HST v8.2 Crystalline: the causal redesign of shared/spec/variants/v8_chaos.md section 6 ("v8.2-R", 6.11).
+"""HST v8.2 Crystalline: Poincare embeddings, exact Diamond coupling, causal Hebbian fast weights, a routed path
+lattice and a feedback loop, all strictly causal and with decoding equal to the full forward.
 
 What it combines, bottom to top:
-- Poincare token embedding (6.1): the table holds tangent vectors at the origin, mapped into the ball by exp_0 and
-  back by log_0 (fp32, safe clamps), x_0 = sqrt(d) log_0(exp_0(e_id)) + PLPE(pos). `hyperbolic_head=True` gives the
-  ball a real role: the tied head scores tokens by Poincare distance, -d_c(exp_0(W_p h), exp_0(e_v)) / T + b_v.
-- Pell-Lucas positional encoding (6.2, core.PellLucasPE) and, with `sparse_attention=True`, the causal Pell-Lucas
-  block-sparse mask (6.3, core.pell_lucas_block_mask), used identically by training and cached decoding.
+- Poincare token embedding (Nickel & Kiela 2017; maps of Ganea et al. 2018): the table holds tangent vectors at
+  the origin, mapped into the ball by exp_0 and back by log_0 (fp32, safe clamps),
+  x_0 = sqrt(d) log_0(exp_0(e_id)) + PLPE(pos). `hyperbolic_head=True` gives the ball a real role: the tied head
+  scores tokens by Poincare distance, -d_c(exp_0(W_p h), exp_0(e_v)) / T + b_v.
+- Pell-Lucas positional encoding (core.PellLucasPE) and, with `sparse_attention=True`, the causal Pell-Lucas
+  block-sparse mask (core.pell_lucas_block_mask; block-sparse attention as in Child et al. 2019), used
+  identically by training and cached decoding.
 - n_layers // 2 bottom blocks [pre-norm attention -> Diamond coupling -> causal Hebbian fast weights], then the
-  Hyper-Lattice (routed linear paths), the feedback loop, the remaining top blocks, LN_f and the tied head.
-- Diamond Mixer (6.5) as an exact additive coupling (NICE / RevNet, Dinh et al. 2015, Gomez et al. 2017): split,
+  Hyper-Lattice (routed linear paths), the feedback loop, the remaining top blocks, LN_f and the tied head
+  (Press & Wolf 2017).
+- Diamond Mixer as an exact additive coupling (NICE / RevNet, Dinh et al. 2015, Gomez et al. 2017): split,
   orthogonal butterfly, w' = w + F(z), z' = z + G(w'), inverse butterfly. A bijection with unit Jacobian
   determinant and an `inverse`; F and G end in zero-initialised layers, so it starts as the identity.
-- Hebbian fast weights (6.4): the fast-weight programmer / linear attention of Schlag et al. 2021 with a
-  per-head decay and a normaliser, so o_t is a convex combination of past values. Training uses the exact
-  chunked-parallel form; decoding carries the (M, z) state, so the layer keeps learning inside a context.
-- Hyper-Lattice (6.6): y = x + W_o sum_{j in top-k} p_j (LN(x) W_j) over P routed d x d paths, computed as one
+- Hebbian fast weights: the fast weights of Ba et al. 2016 as the fast-weight programmer / linear attention of
+  Schlag et al. 2021 (phi = elu + 1, Katharopoulos et al. 2020) with a per-head decay and a normaliser, so o_t is
+  a convex combination of past values. Training uses the exact chunked-parallel form; decoding carries the (M, z)
+  state, so the layer keeps learning inside a context.
+- Hyper-Lattice: y = x + W_o sum_{j in top-k} p_j (LN(x) W_j) over P routed d x d paths, computed as one
   grouped GEMM over (token, path) pairs sorted by path (torch._grouped_mm behind a custom op with its own
-  autograd, so it compiles), never a d x d matrix per token; Switch load-balance and router z-loss auxiliaries.
-- Feedback loop (6.6): two fixed GRU refinement steps per token, input anchored to LN(x_t), zero-initialised
+  autograd, so it compiles), never a d x d matrix per token; Switch load-balance (Fedus et al. 2021) and router
+  z-loss (ST-MoE, Zoph et al. 2022) auxiliaries.
+- Feedback loop: two fixed GRU refinement steps per token, input anchored to LN(x_t), zero-initialised
   output, so it starts as the identity and never mixes positions.
-- Horizon head (6.7): offsets k = 2..H as rank-r adapters h + U_k V_k^T LN(h) read by the tied head, at every
-  position (offsets >= 2 train on a random `horizon_sample` share of positions, a static count, one offset's
-  logits alive at a time); a calibrated uncertainty u_{t,k} = softplus(MLP(LN h_t)) regresses the realised loss
-  of offset k and cuts the self-speculative draft length.
+- Horizon head: offsets k = 2..H as rank-r adapters h + U_k V_k^T LN(h) (LoRA-style, Hu et al. 2021) read by the
+  tied head, at every position (offsets >= 2 train on a random `horizon_sample` share of positions, a static
+  count, one offset's logits alive at a time); a calibrated uncertainty u_{t,k} = softplus(MLP(LN h_t)) regresses
+  the realised loss of offset k and cuts the self-speculative draft length (drafts verified losslessly,
+  Leviathan et al. 2023; Chen et al. 2023).
 
-What it does differently from the original (v8_chaos.md sections 1 and 5):
+What it does differently from the original, and why:
 - Everything is causal (the original Hebbian layer summed over future tokens), training = decoding (the Hebbian
-  state is carried and rolled back exactly), no clamped positions (the original clamped at 511).
+  state is carried and rolled back exactly; the original kept none, so decoding differed from the full forward),
+  no clamped positions (the original clamped at 511).
 - The mixer is really invertible (the original was a GELU FFN with a post-LN), the embedding really uses the
   ball (the original L2-normalised to 0.999), the lattice fits in memory (the original gathered [B,S,4,d,d]),
-  the horizon head is 1.6 M parameters at d = 768 instead of 787 M and is trained at every position.
+  the horizon head is about 1.5 M parameters at d = 768 instead of the original's 787 M Linear(2d, V*H), and is
+  trained at every position on aligned targets (the original trained offsets 1..4 from the last position on
+  tokens it had already seen, and its loss pushed the uncertainty to zero whatever the error).
 - Small liberties, each for a stated reason: the Hebbian write strength beta reads LN(x) like q, k, v (pre-norm
-  everywhere, 6.0); the uncertainty probe reads a detached h, so predicting the loss never reshapes the trunk;
+  everywhere); the uncertainty probe reads a detached h, so predicting the loss never reshapes the trunk;
   when u cuts every draft, `draft` falls back to prompt lookup (free to try, still verified losslessly).
-- No document-id masking (6.0 "Layout"): this repo trains every model on nanoGPT-style windows without document
+- No document-id masking: this repo trains every model on nanoGPT-style windows without document
   ids, so attention, fast weights and horizon targets run across <|endoftext|> like every other model here.
+
+Longer notes: docs/v8_chaoslogic.md
 """
 
 import math
@@ -49,11 +61,11 @@ from torch.utils.flop_counter import register_flop_formula
 import core
 
 POINCARE_EPS = 1e-5       # points stay at sqrt(c) |p| <= 1 - eps: strictly inside the ball in fp32
-UNCERTAINTY_HIDDEN = 64   # width of the uncertainty MLP d -> 64 -> H (6.7)
+UNCERTAINTY_HIDDEN = 64   # width of the uncertainty MLP d -> 64 -> H
 
 
 # -----------------------------------------------------------------------------
-# Poincare ball (6.1), all in fp32
+# Poincare ball, all in fp32 (near the boundary lower precisions round points onto it)
 
 def _safe_norm(x):
     """|x| with a floor of 1e-15 applied before the square root, so the gradient at x = 0 is finite (zero)."""
@@ -62,7 +74,7 @@ def _safe_norm(x):
 
 def exp0(e, c=1.0):
     """Tangent vector at the origin -> point of the ball: tanh(sqrt(c)|e|) e / (sqrt(c)|e|). The tanh is capped at
-    1 - eps, which is the spec's rescale to norm (1 - eps)/sqrt(c) written without a second norm."""
+    1 - eps, which rescales any point past norm (1 - eps)/sqrt(c) back to it, written without a second norm."""
     sc, n = math.sqrt(c), _safe_norm(e)
     return torch.tanh(sc * n).clamp(max=1 - POINCARE_EPS) / (sc * n) * e
 
@@ -106,7 +118,7 @@ def poincare_distance_matrix(x, y, c=1.0, gap_x=None, gap_y=None):
 
 
 # -----------------------------------------------------------------------------
-# attention (6.3): core's dense causal attention, or the causal Pell-Lucas block-sparse pattern
+# attention: core's dense causal attention, or the causal Pell-Lucas block-sparse pattern
 
 class PellLucasSelfAttention(core.CausalSelfAttention):
     """Query block i reads key block j iff i - j in {0, 1} U {Q_n} or j = 0, inside the token-level causal mask.
@@ -129,7 +141,7 @@ class PellLucasSelfAttention(core.CausalSelfAttention):
 
 
 # -----------------------------------------------------------------------------
-# Diamond Mixer as an exact additive coupling (6.5)
+# Diamond Mixer as an exact additive coupling
 
 class CouplingMLP(nn.Module):
     """LN(d/2) -> Linear(d/2 -> 2d) -> GELU -> Linear(2d -> d/2); the last layer starts at zero."""
@@ -174,7 +186,7 @@ class DiamondCoupling(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# causal Hebbian fast weights (6.4)
+# causal Hebbian fast weights
 #
 # M_t = lam M_{t-1} + beta_t phi(k_t) v_t^T, z_t = lam z_{t-1} + beta_t phi(k_t), o_t = M_t^T phi(q_t) / (z_t^T phi(q_t)
 # + 1e-6): every weight beta_s lam^(t-s) phi(q_t).phi(k_s) is >= 0, so o_t is a (sub-)convex combination of v_{<=t}.
@@ -317,7 +329,7 @@ class HebbianFastWeights(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=bias)
 
     def features(self, x):
-        """x (B, T, D) -> h, phi(q), phi(k), v (B, H, T, F) and beta (B, H, T), fp32 (C4: fast-weight states)."""
+        """x (B, T, D) -> h, phi(q), phi(k), v (B, H, T, F) and beta (B, H, T), fp32 (fast-weight states)."""
         B, T, D = x.shape
         h = self.ln(x)
         q, k, v = (t.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2).float().contiguous()
@@ -332,7 +344,7 @@ class HebbianFastWeights(nn.Module):
     def forward(self, x, cache=None, start_pos=0):
         B, T, D = x.shape
         h, phi_q, phi_k, v, beta = self.features(x)
-        with torch.autocast(x.device.type, enabled=False):   # C4: fast-weight states and decay powers in fp32
+        with torch.autocast(x.device.type, enabled=False):   # fp32: long sums, and decay powers underflow in fp16
             log_decay = self.log_decay()
             state = None if cache is None else cache.state_at(start_pos, log_decay)
             o, _ = fast_weight_scan(phi_q, phi_k, v, beta, log_decay, state, self.chunk)  # (B, H, T, F)
@@ -343,7 +355,7 @@ class HebbianFastWeights(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Hyper-Lattice: routed linear paths as one grouped GEMM (6.6)
+# Hyper-Lattice: routed linear paths as one grouped GEMM
 #
 # torch._grouped_mm multiplies row segment j of `rows` by weight[j]; it has no fp32 meta kernel for torch.compile
 # and its autograd fails on expanded gradients, so it sits behind a custom op with its own fake and backward. On
@@ -478,7 +490,7 @@ class TopKPathLattice(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# feedback loop (6.6)
+# feedback loop
 
 class FeedbackLoop(nn.Module):
     """s_0 = LN(x_t); `iters` times: e = sigmoid(w_e s + b_e), s <- (1 - e) s + e GRUCell(input=s_0, hidden=s);
@@ -546,8 +558,8 @@ class Output(core.Output):
 @dataclass
 class Config(core.Config):
     curvature: float = 1.0            # c of the Poincare ball
-    hyperbolic_head: bool = False     # score tokens by Poincare distance instead of a dot product (6.1)
-    sparse_attention: bool = False    # causal Pell-Lucas block-sparse attention (6.3)
+    hyperbolic_head: bool = False     # score tokens by Poincare distance instead of a dot product
+    sparse_attention: bool = False    # causal Pell-Lucas block-sparse attention
     sparse_block: int = 64            # its block size
     hebbian_chunk: int = 64           # chunk of the exact chunked-parallel fast-weight form
     lattice_paths: int = 48           # P routed d x d paths
@@ -609,7 +621,7 @@ class Model(core.LM):
                                                           "lattice.proj.weight"))
         for name, p in self.named_parameters():
             if name.endswith(("F.proj.weight", "G.proj.weight")) or name == "feedback.proj.weight":
-                nn.init.zeros_(p)                                           # identity at init (6.5, 6.6)
+                nn.init.zeros_(p)                                           # coupling and feedback: identity at init
         if c.hyperbolic_head:
             nn.init.normal_(self.hyper_proj.weight, std=1.0 / D)           # |W_p LN h| ~ 1: points mid-ball
         with torch.no_grad():   # the uncertainty starts at ln V, the CE of a uniform prediction: calibrated at init
@@ -632,7 +644,7 @@ class Model(core.LM):
         if not self.config.hyperbolic_head:
             return F.linear(z, self.wte.weight) * self.logit_scale
         c = self.config.curvature
-        with torch.autocast(z.device.type, enabled=False):   # C4: hyperbolic maps and distances in fp32
+        with torch.autocast(z.device.type, enabled=False):   # hyperbolic maps and distances in fp32: see exp0_gap
             tangent = self.hyper_proj(z.float()).reshape(-1, z.size(-1))
             table = self.wte.weight.float()
             dist = poincare_distance_matrix(exp0(tangent, c), exp0(table, c), c, exp0_gap(tangent, c),

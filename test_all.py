@@ -20,8 +20,11 @@ import torch.nn.functional as F
 
 import configurator
 import core
+import generate
+import paged_cache
 import model_v4_1
 import model_v5
+import model_v6
 import prepare_data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -698,7 +701,7 @@ def test_paged_attention_equals_the_contiguous_cache_across_block_boundaries():
     attn = attention_pair()
     x = torch.randn(3, 40, 32, generator=torch.Generator().manual_seed(1))
     contiguous = attn.new_kv_cache(3, 48, "cpu", torch.float32)
-    paged = core.PagedKVCache(1, 3, 2, 16, 48, "cpu", torch.float32, block_size=4)
+    paged = paged_cache.PagedKVCache(1, 3, 2, 16, 48, "cpu", torch.float32, block_size=4)
     for a, b in ((0, 5), (5, 8), (8, 9), (9, 17), (17, 40)):  # pieces ending inside, on and across block edges
         want = attn(x[:, a:b], contiguous, a)
         got = attn(x[:, a:b], paged.layers[0], a)
@@ -712,7 +715,7 @@ def test_paged_ragged_batch_attention_equals_each_row_alone():
     B, T, nh, hd = len(lens), max(lens), 2, 8
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(B, nh, T + 1, hd, generator=g) for _ in range(3))
-    paged = core.PagedKVCache(1, B, nh, hd, 32, "cpu", torch.float32, block_size=4)
+    paged = paged_cache.PagedKVCache(1, B, nh, hd, 32, "cpu", torch.float32, block_size=4)
     prefill = paged.attend(0, q[:, :, :T], k[:, :, :T], v[:, :, :T], [0] * B, lens)
     # one decode step per row, each at its own position: row b's token lens[b] (stored at index T here)
     step = paged.attend(0, q[:, :, T:], k[:, :, T:], v[:, :, T:], lens, [1] * B)
@@ -730,7 +733,7 @@ def test_paged_ragged_batch_attention_equals_each_row_alone():
 def test_fork_shares_blocks_and_a_write_copies_the_shared_block_leaving_the_parent_unchanged():
     attn = attention_pair()
     x = torch.randn(2, 14, 32, generator=torch.Generator().manual_seed(3))
-    paged = core.PagedKVCache(1, 2, 2, 16, 32, "cpu", torch.float32, block_size=4)
+    paged = paged_cache.PagedKVCache(1, 2, 2, 16, 32, "cpu", torch.float32, block_size=4)
     layer = paged.layers[0]
     layer.write(*_kv(attn, x[:1, :10]), [0], [10])                                  # row 0: 10 tokens
     before = [t.clone() for t in layer.read([10, 0])]
@@ -754,7 +757,7 @@ def _kv(attn, x):
 
 
 def test_block_count_is_ceil_len_over_block_size_and_freeing_everything_empties_the_pool():
-    paged = core.PagedKVCache(2, 3, 2, 8, 64, "cpu", torch.float32, block_size=16)
+    paged = paged_cache.PagedKVCache(2, 3, 2, 8, 64, "cpu", torch.float32, block_size=16)
     lens = [1, 16, 17]
     for i, layer in enumerate(paged.layers):
         k = torch.randn(3, 2, 17, 8)
@@ -769,7 +772,7 @@ def test_block_count_is_ceil_len_over_block_size_and_freeing_everything_empties_
 
 
 def test_truncation_releases_the_blocks_past_the_kept_length():
-    paged = core.PagedKVCache(1, 1, 2, 8, 64, "cpu", torch.float32, block_size=16)
+    paged = paged_cache.PagedKVCache(1, 1, 2, 8, 64, "cpu", torch.float32, block_size=16)
     k = torch.randn(1, 2, 40, 8)
     paged.layers[0].update(0, k, k)
     assert len(paged.block_tables[0]) == 3
@@ -778,7 +781,7 @@ def test_truncation_releases_the_blocks_past_the_kept_length():
 
 
 def test_an_exhausted_pool_is_an_error_not_an_eviction():
-    paged = core.PagedKVCache(1, 2, 2, 8, 64, "cpu", torch.float32, block_size=16, n_blocks=2)
+    paged = paged_cache.PagedKVCache(1, 2, 2, 8, 64, "cpu", torch.float32, block_size=16, n_blocks=2)
     k = torch.randn(2, 2, 17, 8)
     with pytest.raises(RuntimeError, match="blocks are all in use"):
         paged.layers[0].update(0, k, k)
@@ -790,7 +793,7 @@ def test_v4_1_and_v5_generation_attends_through_the_paged_cache():
         model = build(name, mode, block_size=4).eval()
         cache = model.new_cache(2)
         paged = cache if mode == "token" else cache.global_cache
-        assert isinstance(paged, core.PagedKVCache)
+        assert isinstance(paged, paged_cache.PagedKVCache)
         model(tokens((2, 21), 4), cache=cache)
         assert all(len(t) == math.ceil(paged.length / 4) for t in paged.block_tables)
 
@@ -1198,7 +1201,9 @@ def test_hierarchical_predictive_loss_matches_its_formula_and_ignores_pads():
     logits = torch.randn(B, T, V, requires_grad=True)
     targets = torch.randint(0, V, (B, T))
     targets[1, 6:] = -1                                    # right padding of row 1
-    loss_fn = core.HierarchicalPredictiveLoss(beta=0.3, gamma=0.8, consistency=0.1)
+    def loss_fn(logits, targets, zs, unembed):
+        return model_v6.hierarchical_predictive_loss(logits, targets, zs, unembed, beta=0.3, gamma=0.8,
+                                                     consistency=0.1)
     loss, aux = loss_fn(logits, targets, zs, unembed)
     assert set(aux) == {"lm", "horizon", "consistency"}
     hand = _hpl_hand(logits, targets, zs, unembed, 0.3, 0.8, 0.1)
@@ -1284,14 +1289,14 @@ def test_sample_py_injects_context_on_a_v6_checkpoint_and_rejects_bad_anchors(tm
 
 def test_temperature_zero_is_greedy_and_top_k_top_p_mask_the_tail():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
-    assert core.sample(logits, temperature=0).item() == 0
-    probs = core.logits_to_probs(logits, top_k=2)
+    assert generate.sample(logits, temperature=0).item() == 0
+    probs = generate.logits_to_probs(logits, top_k=2)
     assert (probs[0, 2:] == 0).all() and probs[0, :2].sum().item() == pytest.approx(1.0)
     full = logits.softmax(-1)[0]
-    probs = core.logits_to_probs(logits, top_p=0.7)  # the first token alone (0.61) falls short of 0.7
+    probs = generate.logits_to_probs(logits, top_p=0.7)  # the first token alone (0.61) falls short of 0.7
     kept = (probs[0] > 0).nonzero().flatten().tolist()
     assert kept == [0, 1] and full[0] < 0.7 <= full[0] + full[1]
-    assert core.logits_to_probs(logits, top_p=0.5)[0, 0].item() == pytest.approx(1.0)
+    assert generate.logits_to_probs(logits, top_p=0.5)[0, 0].item() == pytest.approx(1.0)
 
 
 def test_seeded_sampling_repeats_and_different_seeds_differ():
@@ -1312,8 +1317,8 @@ def test_speculative_sampling_has_the_models_distribution():
     prompt = torch.tensor([[1, 2]])
     temperature, top_k = 0.9, 5
     with torch.no_grad():
-        p1 = core.logits_to_probs(model(prompt).logits[0, -1], temperature, top_k)
-        exact = torch.stack([p1[a] * core.logits_to_probs(model(torch.tensor([[1, 2, a]])).logits[0, -1],
+        p1 = generate.logits_to_probs(model(prompt).logits[0, -1], temperature, top_k)
+        exact = torch.stack([p1[a] * generate.logits_to_probs(model(torch.tensor([[1, 2, a]])).logits[0, -1],
                                                           temperature, top_k) for a in range(V)]).flatten()
     q = torch.tensor([0.4, 0.05, 0.05, 0.3, 0.1, 0.1])
     g = torch.Generator().manual_seed(0)

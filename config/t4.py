@@ -1,4 +1,4 @@
-# One Colab T4 (16 GB, fp16 + GradScaler, 8-bit AdamW): the seed scripts' defaults.
+# One Colab T4 (16 GB, fp16 + GradScaler, 8-bit AdamW), at the defaults of the original HST Colab training scripts.
 # python train.py config/t4.py --model=v6 --mode=chunk
 data_dir = "data/fineweb-edu"
 out_dir = "out-t4"
