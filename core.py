@@ -383,6 +383,7 @@ class SpineConfig(Config):
     horizon: int = 4                # horizon offsets 1..horizon; 1 is the main head
     horizon_weight: float = 0.5     # lambda_h of the horizon term in the objective
     horizon_gamma: float = 0.95     # discount of offset k: gamma^(k-1)
+    horizon_sampling: bool = True   # training reads each offset >= 2 out at a random 1/(H-1) of positions (unbiased)
     exit_threshold: float = 0.93    # inference: a token exits once its confidence exceeds it; > 1 never exits
 
     def __post_init__(self):
@@ -695,35 +696,55 @@ def horizon_targets(targets, offset):
 
 
 def _offset_ce(z, unembed, target):
-    """Mean CE over the positions that have a target; 0 (not nan) for a window too short to have any."""
-    ce = F.cross_entropy(F.linear(z, unembed).float().flatten(0, 1), target.reshape(-1), ignore_index=-1,
-                         reduction="sum")
-    return ce / (target >= 0).sum().clamp_min(1)
+    """Summed CE of rows z (N, D) against target (N,) through the tied unembedding; -1 targets add nothing."""
+    return F.cross_entropy(F.linear(z, unembed).float(), target, ignore_index=-1, reduction="sum")
 
 
-def horizon_loss(horizon_hidden, unembed, targets, gamma=0.95):
-    """sum_k gamma^(k-1) CE_k / sum_k gamma^(k-1) over offsets k = 2..H, one offset at a time: each offset's
-    (B, T, V) logits are recomputed in the backward pass (checkpoint), so neither [B, T, H, V] nor H copies of
-    [B, T, V] are ever alive together. horizon_hidden (B, T, H-1, D), unembed (V, D), targets (B, T)."""
+def sample_rows(n_rows, n, device):
+    """n distinct row indices of n_rows, uniformly at random (fresh each call), or None when n >= n_rows."""
+    return None if n >= n_rows else torch.randperm(n_rows, device=device)[:n]
+
+
+def horizon_loss(horizon_hidden, unembed, targets, gamma=0.95, sample=False):
+    """sum_k gamma^(k-1) CE_k / sum_k gamma^(k-1) over offsets k = 2..H, CE_k the mean over positions with a
+    target. One offset at a time, its logits recomputed in the backward pass (checkpoint), so neither
+    [B, T, H, V] nor H copies of [B, T, V] are ever alive together. horizon_hidden (B, T, H-1, D), unembed (V, D),
+    targets (B, T).
+
+    sample=True (training) reads each offset out at ceil(B T / (H-1)) positions drawn uniformly without
+    replacement, fresh per offset and per step, so all offsets together cost about one extra head whatever H is.
+    The estimate (B T / n) * sum_{sampled} ce / #targets is unbiased: each position is drawn with probability
+    n / (B T), so the expected sum over the sample is n / (B T) times the sum over all positions, and #targets
+    (the positions that have a target) is counted on the full window, without touching V."""
+    B, T, n_off, D = horizon_hidden.shape
+    N = B * T
+    n = -(-N // n_off) if sample else N
     total, norm = 0.0, 0.0
-    for j in range(horizon_hidden.size(2)):
+    for j in range(n_off):
         offset = j + 2
         weight = gamma ** (offset - 1)
-        ce = torch.utils.checkpoint.checkpoint(_offset_ce, horizon_hidden[:, :, j], unembed,
-                                               horizon_targets(targets, offset), use_reentrant=False)
+        target = horizon_targets(targets, offset).reshape(N)
+        z = horizon_hidden[:, :, j].reshape(N, D)
+        rows = sample_rows(N, n, horizon_hidden.device)
+        if rows is not None:
+            z, picked = z[rows], target[rows]
+        else:
+            picked = target
+        ce = torch.utils.checkpoint.checkpoint(_offset_ce, z, unembed, picked, use_reentrant=False)
+        ce = ce * (N / z.size(0)) / (target >= 0).sum().clamp_min(1)   # 0 (not nan) when no position has a target
         total, norm = total + weight * ce, norm + weight
     return total / norm
 
 
 def horizon_objective(logits, targets, horizon_hidden=None, unembed=None, exit_loss=None, horizon_weight=0.5,
-                      gamma=0.95):
+                      gamma=0.95, sample=False):
     """The spine variants' objective and its named parts: (CE_main + horizon_weight * CE_horizon) /
     (1 + horizon_weight) + EXIT_LOSS_WEIGHT * exit_loss. A weighted mean of cross-entropies, so it stays on the
     scale of next-token CE (about ln V at initialisation) whatever the horizon weight."""
     aux = {"lm": lm_loss(logits, targets)}
     loss = aux["lm"]
     if horizon_hidden is not None:
-        aux["horizon"] = horizon_loss(horizon_hidden, unembed, targets, gamma)
+        aux["horizon"] = horizon_loss(horizon_hidden, unembed, targets, gamma, sample)
         loss = (loss + horizon_weight * aux["horizon"]) / (1 + horizon_weight)
     if exit_loss is not None:
         aux["exit"] = exit_loss

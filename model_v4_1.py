@@ -107,6 +107,7 @@ class Config(core.Config):
     n_bottom_layers: int = 2        # blocks before the hyper-lattice; the rest of n_layers come after it
     lattice_window: int = 48        # W: offsets 0..W-1 a token's lattice mixes (the original's lattice_depth)
     horizon: int = 9                # offsets 1..horizon (the original's 8 horizon heads + the main head)
+    horizon_sampling: bool = True   # training reads each offset >= 2 out at a random 1/(H-1) of positions (unbiased)
     horizon_weight: float = 0.5     # lambda_h of the horizon term in the objective
     horizon_gamma: float = 0.95     # discount of offset k: gamma^(k-1)
     block_size: int = 16            # paged cache: tokens per block
@@ -170,7 +171,8 @@ class Model(core.LM):
         loss = aux = None
         if targets is not None:
             loss, aux = core.horizon_objective(logits, targets, horizon_hidden, self.wte.weight, None,
-                                               c.horizon_weight, c.horizon_gamma)
+                                               c.horizon_weight, c.horizon_gamma,
+                                               sample=self.training and c.horizon_sampling)
         return core.Output(logits=logits, loss=loss, hidden=h, aux=aux, horizon_hidden=horizon_hidden)
 
     def draft(self, seq, k, prev_out, prev_index):

@@ -278,7 +278,8 @@ class Model(core.LM):
         loss = aux = None
         if targets is not None:
             loss, aux = core.horizon_objective(logits, targets, horizon_hidden, self.wte.weight, exit_loss,
-                                               c.horizon_weight, c.horizon_gamma)
+                                               c.horizon_weight, c.horizon_gamma,
+                                               sample=self.training and c.horizon_sampling)
         return core.Output(logits=logits, loss=loss, hidden=h, aux=aux, horizon_hidden=horizon_hidden,
                            exit_depth=exit_depth)
 

@@ -228,26 +228,28 @@ class _LogSumExpAndPick(torch.autograd.Function):
 
 
 def _offset_terms(z, unembed, target, expected_row, neg_entropy):
-    """CE of one offset's logits against its targets and KL(main || offset), summed over valid positions.
+    """CE of one offset's rows z (N, D) against target (N,) and KL(main || offset), summed over rows with a target.
     With logits = z W^T and p the main head's distribution, sum_v p_v log q_v = z . (p W) - logsumexp(z W^T), so the
     KL needs the expected unembedding row p W (computed once, outside) instead of a second pass over V."""
-    logits = F.linear(z, unembed).float()                                              # (B, T, V)
-    lse, target_logit = _LogSumExpAndPick.apply(logits.flatten(0, 1), target.clamp_min(0).flatten())
-    lse, target_logit = lse.view_as(target), target_logit.view_as(target)              # (B, T)
+    logits = F.linear(z, unembed).float()                                              # (N, V)
+    lse, target_logit = _LogSumExpAndPick.apply(logits, target.clamp_min(0))          # (N,), (N,)
     valid = target >= 0
     ce = ((lse - target_logit) * valid).sum()
-    cross = (z.float() * expected_row).sum(-1) - lse                                  # sum_v p_v log q_v
+    cross = (z.float() * expected_row).sum(-1) - lse                                   # sum_v p_v log q_v
     kl = ((neg_entropy - cross) * valid).sum()
     return ce, kl
 
 
-def hierarchical_predictive_loss(logits, targets, horizon_hidden, unembed, beta=0.3, gamma=0.8, consistency=0.1):
+def hierarchical_predictive_loss(logits, targets, horizon_hidden, unembed, beta=0.3, gamma=0.8, consistency=0.1,
+                                 sample=False):
     """v6's training objective, the HierarchicalPredictiveLoss:
     (CE_main + sum_k lambda_k CE_k) / (1 + sum_k lambda_k) + consistency * mean_k KL(sg(p_main[t+k-1]) || q_k[t]),
     lambda_k = beta * gamma^(k-2) for offsets k = 2..H. The CE part is a weighted mean, so the objective starts near
     ln V; the consistency term pulls offset k at t toward the main head's later prediction of the same token.
-    Targets of -1 are ignored everywhere; each offset's (B, T, V) logits are recomputed in the backward pass, so
-    no [B, T, H, V] tensor exists. -> (loss, {"lm", "horizon", "consistency"})."""
+    Targets of -1 are ignored everywhere; each offset's logits are recomputed in the backward pass, so no
+    [B, T, H, V] tensor exists. sample=True (training) reads each offset out at a random 1/(H-1) of the positions,
+    the unbiased estimate of core.horizon_loss, for the CE and the KL alike. -> (loss, {"lm", "horizon",
+    "consistency"})."""
     if horizon_hidden is None:
         aux = {"lm": core.lm_loss(logits, targets)}
         return aux["lm"], aux
@@ -258,19 +260,27 @@ def hierarchical_predictive_loss(logits, targets, horizon_hidden, unembed, beta=
         p = main_logp.exp()
         neg_entropy = (p * main_logp).sum(-1)                                           # (B, T)
     expected_row = p @ unembed.float()                  # (B, T, D); the unembedding gets its KL gradient through it
+    B, T, n_off, D = horizon_hidden.shape
+    N = B * T
+    n = -(-N // n_off) if sample else N
     ce_sum, kl_sum, lam_sum = 0.0, 0.0, 0.0
-    n_off = horizon_hidden.size(2)
     for j in range(n_off):
         k = j + 2
-        target = core.horizon_targets(targets, k)
+        target = core.horizon_targets(targets, k).reshape(N)
         # main head at t+k-1 predicts the same token as offset k at t; pad the shifted rows (masked anyway)
-        row = F.pad(expected_row[:, k - 1:], (0, 0, 0, k - 1))
-        neg_h = F.pad(neg_entropy[:, k - 1:], (0, k - 1))
-        ce, kl = torch.utils.checkpoint.checkpoint(_offset_terms, horizon_hidden[:, :, j], unembed, target, row,
-                                                   neg_h, use_reentrant=False)
-        count = (target >= 0).sum().clamp_min(1)
+        row = F.pad(expected_row[:, k - 1:], (0, 0, 0, k - 1)).reshape(N, D)
+        neg_h = F.pad(neg_entropy[:, k - 1:], (0, k - 1)).reshape(N)
+        z = horizon_hidden[:, :, j].reshape(N, D)
+        rows = core.sample_rows(N, n, z.device)
+        if rows is not None:
+            z, picked, row, neg_h = z[rows], target[rows], row[rows], neg_h[rows]
+        else:
+            picked = target
+        ce, kl = torch.utils.checkpoint.checkpoint(_offset_terms, z, unembed, picked, row, neg_h,
+                                                   use_reentrant=False)
+        scale = (N / z.size(0)) / (target >= 0).sum().clamp_min(1)   # unbiased mean over positions with a target
         lam = beta * gamma ** (k - 2)
-        ce_sum, kl_sum, lam_sum = ce_sum + lam * ce / count, kl_sum + kl / count, lam_sum + lam
+        ce_sum, kl_sum, lam_sum = ce_sum + lam * ce * scale, kl_sum + kl * scale, lam_sum + lam
     aux["horizon"] = ce_sum / lam_sum
     aux["consistency"] = kl_sum / n_off
     loss = (aux["lm"] + ce_sum) / (1 + lam_sum) + consistency * aux["consistency"]
@@ -342,7 +352,8 @@ class Model(core.LM):
     def objective(self, logits, targets, horizon_hidden):
         c = self.config
         return hierarchical_predictive_loss(logits, targets, horizon_hidden, self.wte.weight, c.horizon_weight,
-                                            c.horizon_gamma, c.consistency_weight)
+                                            c.horizon_gamma, c.consistency_weight,
+                                            sample=self.training and c.horizon_sampling)
 
     def forward(self, idx, targets=None, cache=None, start_pos=0, injections=None):
         c = self.config

@@ -70,8 +70,9 @@ class Model(model_v6.Model):
         return RecursiveHorizon(c.d_model, c.horizon) if c.horizon > 1 else None
 
     def objective(self, logits, targets, horizon_hidden):
-        return core.horizon_objective(logits, targets, horizon_hidden, self.wte.weight, None,
-                                      self.config.horizon_weight, self.config.horizon_gamma)
+        c = self.config
+        return core.horizon_objective(logits, targets, horizon_hidden, self.wte.weight, None, c.horizon_weight,
+                                      c.horizon_gamma, sample=self.training and c.horizon_sampling)
 
 
 if __name__ == "__main__":

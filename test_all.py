@@ -1193,6 +1193,62 @@ def _hpl_hand(logits, targets, zs, unembed, beta, gamma, consistency):
     return (ce + weighted) / (1 + lam_sum) + consistency * torch.stack(kls).mean()
 
 
+def _sampled_mean(fn, draws, seed=0):
+    """Mean and standard error over `draws` calls of fn() (a scalar tensor), with the global RNG seeded."""
+    torch.manual_seed(seed)
+    values = torch.stack([fn().detach() for _ in range(draws)])
+    return values.mean().item(), (values.std() / draws ** 0.5).item()
+
+
+def test_sampled_horizon_loss_is_an_unbiased_estimate_of_the_full_loss_at_one_heads_cost():
+    g = torch.Generator().manual_seed(0)
+    B, T, D, V, H = 2, 12, 8, 40, 5
+    unembed = torch.randn(V, D, generator=g)
+    zs = torch.randn(B, T, H - 1, D, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[1, 9:] = -1                                             # padding is ignored by both
+    full = core.horizon_loss(zs, unembed, targets, 0.9)
+    mean, se = _sampled_mean(lambda: core.horizon_loss(zs, unembed, targets, 0.9, sample=True), 1500)
+    assert abs(mean - full.item()) < 4 * se + 1e-6, (mean, full.item(), se)
+    # and the gradient: its expectation is the full gradient
+    torch.manual_seed(1)
+    grads = torch.stack([torch.autograd.grad(core.horizon_loss(zs, unembed, targets, 0.9, sample=True), zs)[0]
+                         for _ in range(800)])
+    want = torch.autograd.grad(full, zs)[0]
+    err = (grads.mean(0) - want).abs().max().item()
+    assert err < 5 * (grads.std(0) / 800 ** 0.5).max().item(), err
+    # each offset reads ceil(B T / (H - 1)) rows, so all offsets together cost one extra head; fresh every call
+    assert core.sample_rows(B * T, -(-B * T // (H - 1)), "cpu").numel() == 6
+    torch.manual_seed(2)
+    assert not torch.equal(core.sample_rows(24, 6, "cpu"), core.sample_rows(24, 6, "cpu"))
+
+
+def test_sampled_hierarchical_predictive_loss_is_unbiased_for_its_ce_and_its_kl():
+    g = torch.Generator().manual_seed(3)
+    B, T, V, D, H = 2, 10, 13, 6, 4
+    unembed = torch.randn(V, D, generator=g)
+    zs = torch.randn(B, T, H - 1, D, generator=g)
+    logits = torch.randn(B, T, V, generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    full = model_v6.hierarchical_predictive_loss(logits, targets, zs, unembed)[1]
+    for part in ("horizon", "consistency"):
+        mean, se = _sampled_mean(
+            lambda: model_v6.hierarchical_predictive_loss(logits, targets, zs, unembed, sample=True)[1][part], 1200)
+        assert abs(mean - full[part].item()) < 4 * se + 1e-6, (part, mean, full[part].item(), se)
+
+
+@pytest.mark.parametrize("name", ["v3", "v4_1", "v6", "v7_1_2"])
+def test_horizon_sampling_is_on_in_training_and_off_in_eval(name):
+    """Training reads offsets at a random share of positions (two calls differ); eval reads all (calls agree)."""
+    model = tiny_model(name, "token")
+    x = torch.randint(0, TINY["vocab_size"], (2, TINY["max_seq_len"] + 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.train()
+        assert model(x[:, :-1], targets=x[:, 1:]).aux["horizon"] != model(x[:, :-1], targets=x[:, 1:]).aux["horizon"]
+        model.eval()
+        assert model(x[:, :-1], targets=x[:, 1:]).aux["horizon"] == model(x[:, :-1], targets=x[:, 1:]).aux["horizon"]
+
+
 def test_hierarchical_predictive_loss_matches_its_formula_and_ignores_pads():
     torch.manual_seed(0)
     B, T, V, D, H = 2, 9, 11, 6, 4
@@ -1404,6 +1460,7 @@ def test_offline_tokenizer_is_built_from_the_verified_package_files(monkeypatch)
 # -----------------------------------------------------------------------------
 # prepare_data.py: shards, inputs, errors
 
+SAMPLE_TEXT = os.path.join(HERE, "assets", "tinyshakespeare.txt")  # shipped with the repository: no download
 DOCS = ["First Citizen:\nBefore we proceed any further, hear me speak.",
         "def f(x):\n    return x * 2\n",
         "All:\nSpeak, speak. ünïcödé ✓",
@@ -1567,8 +1624,10 @@ def test_two_worker_processes_give_the_same_shards_as_one(tmp_path):
     one = prepare_data.prepare(docs, str(tmp_path / "one"), "t", shard_size=100, num_proc=1)
     two = prepare_data.prepare(docs, str(tmp_path / "two"), "t", shard_size=100, num_proc=2, chunksize=4)
     assert [os.path.basename(p) for p in one["shards"]] == [os.path.basename(p) for p in two["shards"]]
-    for a, b in zip(one["shards"], two["shards"]):
-        assert open(a, "rb").read() == open(b, "rb").read()
+    for a, b in zip(one["shards"], two["shards"]):  # the same bytes but for the run id in the header
+        ha, hb = prepare_data.read_header(a), prepare_data.read_header(b)
+        assert ha[:3] + ha[4:] == hb[:3] + hb[4:] and ha[3] != hb[3]
+        assert open(a, "rb").read()[1024:] == open(b, "rb").read()[1024:]
 
 
 def test_a_rerun_removes_stale_shards_of_a_bigger_earlier_run(tmp_path):
@@ -1576,15 +1635,32 @@ def test_a_rerun_removes_stale_shards_of_a_bigger_earlier_run(tmp_path):
     (tmp_path / "old_train_000009.bin").write_bytes(b"x")  # another name, same pattern: would be read too
     (tmp_path / "t_train_000003.bin.tmp").write_bytes(b"x")  # left by an interrupted run
     (tmp_path / "notes.txt").write_text("mine")
-    stats = prepare_data.prepare(DOCS, str(tmp_path), "t", shard_size=10, num_proc=1)
+    stats = prepare_data.prepare(DOCS, str(tmp_path), "t", shard_size=10, num_proc=1, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == sorted(["notes.txt"] + [os.path.basename(p) for p in stats["shards"]])
     assert read_all(tmp_path) == expected_stream(DOCS)
 
 
-def test_a_corpus_within_one_shard_writes_val_and_asks_for_a_smaller_shard_size(tmp_path):
-    with pytest.raises(core.UsageError, match="no training shards: lower --shard_size below"):
-        prepare_data.prepare(DOCS, str(tmp_path), "t", shard_size=10_000, num_proc=1)
-    assert os.listdir(tmp_path) == ["t_val_000000.bin"]
+def test_a_corpus_under_two_shards_is_split_90_10_with_a_log_line(tmp_path):
+    docs = [f"line {i}: " + DOCS[i % 4] for i in range(2000)]
+    stream = expected_stream(docs)
+    n_val = math.ceil(len(stream) / 10)
+    lines = []
+    # under two shards of 20k tokens: the last 10% validate, the first 90% train, in shards of 20k
+    stats = prepare_data.prepare(docs, str(tmp_path), "t", shard_size=20_000, num_proc=1, log=lines.append)
+    assert 20_000 < len(stream) < 40_000 and stats["split"] == (len(stream) - n_val, n_val)
+    val, train = prepare_data.list_shards(str(tmp_path))
+    assert [os.path.basename(p) for p in val + train] == ["t_val_000000.bin", "t_train_000001.bin",
+                                                          "t_train_000002.bin"]
+    assert prepare_data.load_shard(val[0]).tolist() == stream[-n_val:]
+    assert [len(prepare_data.load_shard(p)) for p in train] == [20_000, len(stream) - n_val - 20_000]
+    assert [t for p in train for t in prepare_data.load_shard(p).tolist()] == stream[:-n_val]
+    assert len(lines) == 1 and "split" in lines[0] and f"{n_val:,}" in lines[0] and "validation" in lines[0]
+    # a text of a few dozen tokens still gives both splits: at least a 1024-token window, at most half
+    stats = prepare_data.prepare(DOCS, str(tmp_path / "tiny"), "t", shard_size=10_000, num_proc=1, log=print)
+    total = len(expected_stream(DOCS))
+    val, train = prepare_data.list_shards(str(tmp_path / "tiny"))
+    assert stats["split"] == (total - total // 2, total // 2)
+    assert prepare_data.load_shard(train[0]).tolist() + prepare_data.load_shard(val[0]).tolist() == expected_stream(DOCS)
 
 
 def test_all_empty_documents_is_an_error_naming_the_source(tmp_path):
@@ -1593,9 +1669,8 @@ def test_all_empty_documents_is_an_error_naming_the_source(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(not os.path.exists(SHARED_TEXT), reason="../shared/data/tinyshakespeare.txt is absent")
 def test_tinyshakespeare_is_one_document_of_about_338k_tokens(tmp_path):
-    docs = list(prepare_data.input_documents(prepare_data.find_inputs(SHARED_TEXT)))
+    docs = list(prepare_data.input_documents(prepare_data.find_inputs(SAMPLE_TEXT)))
     stats = prepare_data.prepare(docs, str(tmp_path), "tinyshakespeare", shard_size=100_000, num_proc=1)
     assert stats["documents"] == 1 and 330_000 < stats["tokens"] < 345_000
     assert read_all(tmp_path) == expected_stream(docs)
@@ -1771,10 +1846,9 @@ def test_checkpoint_holds_plain_types_and_loads_with_weights_only(shard_dir, tmp
 
 def test_quickstart_pipeline_prepare_train_sample_from_the_command_line(tmp_path):
     text = tmp_path / "corpus.txt"
-    source = SHARED_TEXT if os.path.exists(SHARED_TEXT) else prepare_data.stdlib_paths()[0]
-    text.write_text(open(source, encoding="utf-8").read()[:300_000])
+    text.write_text(open(SAMPLE_TEXT, encoding="utf-8").read()[:300_000])
     data_dir, out_dir = str(tmp_path / "data"), str(tmp_path / "out")
-    result = run(["prepare_data.py", f"--input={text}", f"--out_dir={data_dir}", "--shard_size=20000"])
+    result = run(["prepare_data.py", f"--input={text}", f"--out_dir={data_dir}"])  # default shard size: split
     assert result.returncode == 0, result.stderr
     result = run(["train.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--max_iters=40",
                   "--eval_interval=40", "--learning_rate=3e-3", "--optimizer=adamw"] + TRAIN_TINY)
@@ -1899,9 +1973,8 @@ def test_exported_colab_script_trains_and_resumes_alone_in_an_empty_directory(na
     import export_colab
     script = export_colab.export(name, str(tmp_path))
     assert os.listdir(tmp_path) == [export_colab.SCRIPT_NAMES[name]]
-    source = SHARED_TEXT if os.path.exists(SHARED_TEXT) else prepare_data.stdlib_paths()[0]
-    (tmp_path / "text.txt").write_text(open(source, encoding="utf-8").read()[:100_000])
-    args = ["--input=text.txt", "--shard_size=10000", "--d_model=32", "--n_layers=2", "--n_heads=2",
+    (tmp_path / "text.txt").write_text(open(SAMPLE_TEXT, encoding="utf-8").read()[:100_000])
+    args = ["--input=text.txt", "--d_model=32", "--n_layers=2", "--n_heads=2",
             "--max_seq_len=32", "--batch_size=2", "--gradient_accumulation_steps=1", "--device=cpu",
             "--eval_iters=1", "--eval_interval=2", "--warmup_iters=1", "--optimizer=adamw"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
