@@ -695,9 +695,11 @@ def horizon_targets(targets, offset):
     return F.pad(shifted, (0, targets.size(1) - shifted.size(1)), value=-1)
 
 
-def _offset_ce(z, unembed, target):
-    """Summed CE of rows z (N, D) against target (N,) through the tied unembedding; -1 targets add nothing."""
-    return F.cross_entropy(F.linear(z, unembed).float(), target, ignore_index=-1, reduction="sum")
+def _offset_ce(z, unembed, target, weight=None):
+    """CE of rows z (N, D) against target (N,) through the tied unembedding, summed (weighted by weight (N,) when
+    given); -1 targets add nothing."""
+    ce = F.cross_entropy(F.linear(z, unembed).float(), target, ignore_index=-1, reduction="none")
+    return (ce if weight is None else ce * weight).sum()
 
 
 def sample_rows(n_rows, n, device):
@@ -707,33 +709,38 @@ def sample_rows(n_rows, n, device):
 
 def horizon_loss(horizon_hidden, unembed, targets, gamma=0.95, sample=False):
     """sum_k gamma^(k-1) CE_k / sum_k gamma^(k-1) over offsets k = 2..H, CE_k the mean over positions with a
-    target. One offset at a time, its logits recomputed in the backward pass (checkpoint), so neither
-    [B, T, H, V] nor H copies of [B, T, V] are ever alive together. horizon_hidden (B, T, H-1, D), unembed (V, D),
-    targets (B, T).
+    target. horizon_hidden (B, T, H-1, D), unembed (V, D), targets (B, T). Logits are recomputed in the backward
+    pass (checkpoint), so no [B, T, H, V] tensor is ever alive.
 
-    sample=True (training) reads each offset out at ceil(B T / (H-1)) positions drawn uniformly without
-    replacement, fresh per offset and per step, so all offsets together cost about one extra head whatever H is.
+    sample=True (training) reads each offset out at n = ceil(B T / (H-1)) positions drawn uniformly without
+    replacement, fresh per offset and per step, and all offsets' rows go through the unembedding in one matmul:
+    about the cost of one extra head whatever H is (many small matmuls would each re-read the V x D matrix).
     The estimate (B T / n) * sum_{sampled} ce / #targets is unbiased: each position is drawn with probability
     n / (B T), so the expected sum over the sample is n / (B T) times the sum over all positions, and #targets
     (the positions that have a target) is counted on the full window, without touching V."""
     B, T, n_off, D = horizon_hidden.shape
     N = B * T
-    n = -(-N // n_off) if sample else N
-    total, norm = 0.0, 0.0
+    weights = [gamma ** (j + 1) for j in range(n_off)]                     # gamma^(k-1), offsets k = j + 2
+    if not sample:  # one offset at a time: a single (B, T, V) logits tensor alive
+        total = 0.0
+        for j in range(n_off):
+            target = horizon_targets(targets, j + 2).reshape(N)
+            ce = torch.utils.checkpoint.checkpoint(_offset_ce, horizon_hidden[:, :, j].reshape(N, D), unembed,
+                                                   target, use_reentrant=False)
+            total = total + weights[j] * ce / (target >= 0).sum().clamp_min(1)  # 0 (not nan) with no target
+        return total / sum(weights)
+    n = -(-N // n_off)
+    zs, picked, row_weight = [], [], []
     for j in range(n_off):
-        offset = j + 2
-        weight = gamma ** (offset - 1)
-        target = horizon_targets(targets, offset).reshape(N)
-        z = horizon_hidden[:, :, j].reshape(N, D)
+        target = horizon_targets(targets, j + 2).reshape(N)
         rows = sample_rows(N, n, horizon_hidden.device)
-        if rows is not None:
-            z, picked = z[rows], target[rows]
-        else:
-            picked = target
-        ce = torch.utils.checkpoint.checkpoint(_offset_ce, z, unembed, picked, use_reentrant=False)
-        ce = ce * (N / z.size(0)) / (target >= 0).sum().clamp_min(1)   # 0 (not nan) when no position has a target
-        total, norm = total + weight * ce, norm + weight
-    return total / norm
+        rows = torch.arange(N, device=target.device) if rows is None else rows
+        zs.append(horizon_hidden[:, :, j].reshape(N, D)[rows])
+        picked.append(target[rows])
+        row_weight.append((weights[j] * N / n / (target >= 0).sum().clamp_min(1)).expand(rows.numel()))
+    total = torch.utils.checkpoint.checkpoint(_offset_ce, torch.cat(zs), unembed, torch.cat(picked),
+                                              torch.cat(row_weight), use_reentrant=False)
+    return total / sum(weights)
 
 
 def horizon_objective(logits, targets, horizon_hidden=None, unembed=None, exit_loss=None, horizon_weight=0.5,

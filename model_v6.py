@@ -227,16 +227,16 @@ class _LogSumExpAndPick(torch.autograd.Function):
         return grad, None
 
 
-def _offset_terms(z, unembed, target, expected_row, neg_entropy):
-    """CE of one offset's rows z (N, D) against target (N,) and KL(main || offset), summed over rows with a target.
-    With logits = z W^T and p the main head's distribution, sum_v p_v log q_v = z . (p W) - logsumexp(z W^T), so the
-    KL needs the expected unembedding row p W (computed once, outside) instead of a second pass over V."""
+def _offset_terms(z, unembed, target, expected_row, neg_entropy, ce_weight, kl_weight):
+    """Weighted sums of the CE of rows z (N, D) against target (N,) and of KL(main || offset), over rows with a
+    target. With logits = z W^T and p the main head's distribution, sum_v p_v log q_v = z . (p W) - logsumexp(z W^T),
+    so the KL needs the expected unembedding row p W (computed once, outside) instead of a second pass over V."""
     logits = F.linear(z, unembed).float()                                              # (N, V)
     lse, target_logit = _LogSumExpAndPick.apply(logits, target.clamp_min(0))          # (N,), (N,)
     valid = target >= 0
-    ce = ((lse - target_logit) * valid).sum()
+    ce = ((lse - target_logit) * valid * ce_weight).sum()
     cross = (z.float() * expected_row).sum(-1) - lse                                   # sum_v p_v log q_v
-    kl = ((neg_entropy - cross) * valid).sum()
+    kl = ((neg_entropy - cross) * valid * kl_weight).sum()
     return ce, kl
 
 
@@ -246,10 +246,10 @@ def hierarchical_predictive_loss(logits, targets, horizon_hidden, unembed, beta=
     (CE_main + sum_k lambda_k CE_k) / (1 + sum_k lambda_k) + consistency * mean_k KL(sg(p_main[t+k-1]) || q_k[t]),
     lambda_k = beta * gamma^(k-2) for offsets k = 2..H. The CE part is a weighted mean, so the objective starts near
     ln V; the consistency term pulls offset k at t toward the main head's later prediction of the same token.
-    Targets of -1 are ignored everywhere; each offset's logits are recomputed in the backward pass, so no
-    [B, T, H, V] tensor exists. sample=True (training) reads each offset out at a random 1/(H-1) of the positions,
-    the unbiased estimate of core.horizon_loss, for the CE and the KL alike. -> (loss, {"lm", "horizon",
-    "consistency"})."""
+    Targets of -1 are ignored everywhere; offset logits are recomputed in the backward pass, so no [B, T, H, V]
+    tensor exists. sample=True (training) reads each offset out at a random 1/(H-1) of the positions, all offsets
+    in one matmul: the unbiased estimate of core.horizon_loss, for the CE and the KL alike.
+    -> (loss, {"lm", "horizon", "consistency"})."""
     if horizon_hidden is None:
         aux = {"lm": core.lm_loss(logits, targets)}
         return aux["lm"], aux
@@ -262,8 +262,9 @@ def hierarchical_predictive_loss(logits, targets, horizon_hidden, unembed, beta=
     expected_row = p @ unembed.float()                  # (B, T, D); the unembedding gets its KL gradient through it
     B, T, n_off, D = horizon_hidden.shape
     N = B * T
+    lams = [beta * gamma ** j for j in range(n_off)]                # lambda_k, offsets k = j + 2
     n = -(-N // n_off) if sample else N
-    ce_sum, kl_sum, lam_sum = 0.0, 0.0, 0.0
+    parts = []                                                       # per offset: (z, target, row, neg_h, w_ce, w_kl)
     for j in range(n_off):
         k = j + 2
         target = core.horizon_targets(targets, k).reshape(N)
@@ -273,14 +274,20 @@ def hierarchical_predictive_loss(logits, targets, horizon_hidden, unembed, beta=
         z = horizon_hidden[:, :, j].reshape(N, D)
         rows = core.sample_rows(N, n, z.device)
         if rows is not None:
-            z, picked, row, neg_h = z[rows], target[rows], row[rows], neg_h[rows]
+            z, target_rows, row, neg_h = z[rows], target[rows], row[rows], neg_h[rows]
         else:
-            picked = target
-        ce, kl = torch.utils.checkpoint.checkpoint(_offset_terms, z, unembed, picked, row, neg_h,
-                                                   use_reentrant=False)
+            target_rows = target
         scale = (N / z.size(0)) / (target >= 0).sum().clamp_min(1)   # unbiased mean over positions with a target
-        lam = beta * gamma ** (k - 2)
-        ce_sum, kl_sum, lam_sum = ce_sum + lam * ce * scale, kl_sum + kl * scale, lam_sum + lam
+        ones = torch.ones(z.size(0), device=z.device)
+        parts.append((z, target_rows, row, neg_h, ones * (lams[j] * scale), ones * scale))
+    # sampled: all offsets' rows in one pass over the unembedding; full: one offset at a time (one (N, V) alive)
+    batches = [tuple(torch.cat(x) for x in zip(*parts))] if sample else parts
+    ce_sum, kl_sum = 0.0, 0.0
+    for z, target_rows, row, neg_h, w_ce, w_kl in batches:
+        ce, kl = torch.utils.checkpoint.checkpoint(_offset_terms, z, unembed, target_rows, row, neg_h, w_ce, w_kl,
+                                                   use_reentrant=False)
+        ce_sum, kl_sum = ce_sum + ce, kl_sum + kl
+    lam_sum = sum(lams)
     aux["horizon"] = ce_sum / lam_sum
     aux["consistency"] = kl_sum / n_off
     loss = (aux["lm"] + ce_sum) / (1 + lam_sum) + consistency * aux["consistency"]
