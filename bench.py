@@ -27,27 +27,28 @@ import core
 import prepare_data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED_TEXT = os.path.join(HERE, "..", "shared", "data", "tinyshakespeare.txt")
+SAMPLE_TEXT = os.path.join(HERE, "assets", "tinyshakespeare.txt")  # shipped with the repository
 
 SETTINGS = dict(
     what="all",               # all, or a comma list of: throughput, quality, generation, memory, data
     models="all",             # all, or a comma list of names (gpt is always added as the control)
     d_model=128, n_layers=4, n_heads=4,  # the config/cpu_tiny.py model
-    max_seq_len=128,
-    batch_size=4,
+    max_seq_len=128,          # training window and generation context
+    batch_size=4,             # sequences per training step
     steps=3,                  # timed training steps per model for throughput (after 2 warm-up steps)
-    quality_iters=16,         # training steps per model and seed for quality (same tokens for every model); the
-                              # default keeps the whole run near 10 minutes on 2 cores: raise it for real comparisons
-    seeds=1,
-    data_dir="",              # shards for quality; "": tinyshakespeare when present, else the stdlib corpus
+    quality_iters=16,         # training steps per model and seed for quality, same tokens for all (raise it to compare)
+    seeds=1,                  # quality runs per model, with seeds 0, 1, ...: mean and half-range
+    data_dir="",              # shards for quality; "": assets/tinyshakespeare.txt, prepared in the run
     gen_tokens=100,           # new tokens after a 16-token prompt; prompt + new must fit max_seq_len (no sliding)
-    draft_len=4,
+    draft_len=4,              # tokens drafted per model call in speculative decoding
     out="",                   # directory for tables (.md), plots (.png) and runs; "": a temporary directory
     update_readme=False,      # rewrite README.md between the bench markers with these tables
-    fast=False,               # tiny sizes for a smoke test
+    fast=False,               # the smoke test: tiny sizes, few steps, models gpt and v6 unless --models is given
 )
+# --fast: tiny sizes, few steps and, unless --models says otherwise, the control and the flagship only (each
+# model's quality run is a train.py process of a few seconds): the smoke test
 FAST = dict(d_model=32, n_layers=2, n_heads=2, max_seq_len=48, batch_size=2, steps=1, quality_iters=4,
-            gen_tokens=16)
+            gen_tokens=16, models="gpt,v6")
 T4 = dict(d_model=768, n_layers=16, n_heads=12, max_seq_len=512)  # config/t4.py, batch 1
 FAST_T4 = dict(d_model=64, n_layers=2, n_heads=2, max_seq_len=64)
 
@@ -120,10 +121,10 @@ def bench_throughput(pairs, s):
 
 def default_shards(work):
     data_dir = os.path.join(work, "data")
-    if os.path.exists(SHARED_TEXT):
-        docs, name, shard = prepare_data.text_files([SHARED_TEXT]), "tinyshakespeare", 60_000
+    if os.path.exists(SAMPLE_TEXT):
+        docs, name, shard = prepare_data.text_files([SAMPLE_TEXT]), "tinyshakespeare", 60_000
     else:
-        print(f"bench: {SHARED_TEXT} is absent; using the stdlib corpus", file=sys.stderr)
+        print(f"bench: {SAMPLE_TEXT} is absent; using the stdlib corpus", file=sys.stderr)
         docs, name, shard = prepare_data.text_files(prepare_data.stdlib_paths()[:300]), "stdlib", 200_000
     prepare_data.prepare(docs, data_dir, name, shard_size=shard, max_tokens=shard * 6, num_proc=1)
     return data_dir
@@ -263,7 +264,8 @@ def bench_memory(pairs, s):
                      f"{optim / 2**30:.2f}", f"{acts / 2**30:.2f}", f"{total / 2**30:.2f}",
                      f"{kv_per_token / 1024:.1f}"])
         del model
-    title = (f"Memory of one T4-size training step (d_model {size['d_model']}, {size['n_layers']} layers, seq "
+    label = "T4-size (config/t4.py)" if size == T4 else "--fast-size (not the T4 size)"
+    title = (f"Memory of one {label} training step (d_model {size['d_model']}, {size['n_layers']} layers, seq "
              f"{size['max_seq_len']}, batch 1): ESTIMATE from CPU measurements, not a CUDA reading. Weights and "
              f"grads fp32, 8-bit AdamW state, activations = tensors saved for backward measured in fp32; the "
              f"total counts them halved for fp16 autocast. KV cache per token in fp16.")

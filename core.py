@@ -368,6 +368,18 @@ def prompt_lookup_draft(seq, k, max_ngram=3):
     return torch.empty(0, dtype=torch.long, device=seq.device), None
 
 
+def best_draft_length(accept, cost):
+    """accept (K,): the probability that draft j is accepted once drafts 1..j-1 were -> the k in 0..K that maximises
+    the expected tokens per unit of verification cost, (1 + sum_{j<=k} prod_{i<=j} a_i) / (1 + cost k). A pass with
+    k drafts yields the accepted ones plus one token from the model, and costs about 1 + cost k one-token steps.
+    The rule reads probabilities, not losses, so it means the same at any vocabulary size and stage of training;
+    0 means no draft pays for its verification."""
+    reach = accept.double().clamp(0, 1).cumprod(0)                          # P(drafts 1..j all accepted)
+    tokens = 1 + torch.cat([reach.new_zeros(1), reach.cumsum(0)])          # k = 0..K
+    cost_k = 1 + cost * torch.arange(tokens.numel(), dtype=torch.float64, device=tokens.device)
+    return int((tokens / cost_k).argmax())
+
+
 # -----------------------------------------------------------------------------
 # spine lattice (HST v3, v4 and the variants after them)
 #

@@ -21,8 +21,10 @@ cached and trainable. What it combines, top to bottom:
   training (noise in fp32), a noise-free argmax in eval, assembled into one mask whose row t is pattern p*_t's
   row t. Keys are shared, so per-token choices never conflict with the cache. Training computes all 4 masked
   attentions and sums them with the one-hot weights so that the selector gets a gradient: 4x the attention-score
-  cost of a dense layer in training (projections are shared, so a layer costs well under 4x). P1 and P3 equal P0
-  up to `window` tokens and P2 equals P0 up to 4 blocks, so the choice matters only in longer contexts.
+  cost of a dense layer in training (projections are shared, so a layer costs well under 4x). The sizes scale with
+  the context: window = max_seq_len // 4 and block = max_seq_len // 8 unless set (128 and 64 at 512 tokens), with
+  4 sink tokens, so no two of the four masks are equal at any max_seq_len >= 16 and the choice always matters (with
+  fixed sizes of 128 and 64 the four were one mask up to 128 tokens, and P2 was dense up to 256).
 - Task analyzer, depth predictor, adaptive bottom: m_t = (1/(t+1)) sum_{s<=t} W_e LN(x_s) (a prefix mean by
   cumsum, fp32), tau_t = softmax(W_c m_t) over 4 tasks, depth D_t = lo + (hi - lo) sigmoid(MLP(tau_t)) in
   [lo, hi]. Bottom layer l applies x <- x + g_{t,l} f_l(x) with g = 1[D_t >= l - 1/2], straight-through gradient
@@ -39,9 +41,11 @@ cached and trainable. What it combines, top to bottom:
   state for offset 1, the midpoint of (h~, m_2), which would predict the same token t+1 again, is not built);
   offsets 2..8 are m_2, f_3, c_4, f_5, m_6, f_7, c_8, normed and read out through the tied head
   (Output.horizon_hidden, (B, T, H-1, D)). Confidence kappa_{t,k} = sigmoid(MLP(LN h_t))_k for k = 1..H, trained
-  by BCE against 1[argmax_k == target_k] (target detached). Drafts (core.horizon_draft) stop at the first offset
-  with kappa < draft_min_confidence; with no confident draft it falls back to prompt lookup. Drafts are verified
-  losslessly (Leviathan et al. 2023; Chen et al. 2023).
+  by BCE against what greedy verification checks: for k >= 2 whether offset k's argmax at t equals the main
+  head's argmax at t + k - 1 (for k = 1 whether the main argmax is the next token), so kappa_k is the
+  probability that offset k's draft is accepted. Each round drafts the k that maximises the expected tokens per
+  verification cost, (1 + sum_{j<=k} prod_{i<=j} kappa_i) / (1 + draft_cost k) (best_draft_length); when no draft
+  pays, prompt lookup proposes. Drafts are verified losslessly (Leviathan et al. 2023; Chen et al. 2023).
 - Objective, on the ln V scale: (CE_next + lambda_h sum_k w_k CE_k) / (1 + lambda_h), w_k = gamma^k / sum
   gamma^k over k = 2..H, + 0.1 BCE_kappa + 0.01 L_depth + 1e-3 L_pattern, with L_pattern = -mean_l entropy of the
   batch-mean pattern probabilities softmax(pi) (the entropy bonus against collapse). Never holds [B, T, H, V]:
@@ -268,11 +272,12 @@ class CoarseToFineHorizon(nn.Module):
         return self.out_ln(torch.stack(states[:self.horizon - 1], 2)), kappa_logits
 
 
-def _offset_ce_and_hits(z, unembed, target):
-    """Like core._offset_ce, plus 1[argmax == target] (B, T) for the confidence head; no gradient through hits."""
+def _offset_ce_and_hits(z, unembed, target, agree):
+    """Mean CE of one offset's states (B, T, D) against target (B, T), plus 1[argmax == agree] (B, T) for the
+    confidence head; no gradient through the hits."""
     logits = F.linear(z, unembed).float()
     ce = F.cross_entropy(logits.flatten(0, 1), target.reshape(-1), ignore_index=-1, reduction="sum")
-    hits = (logits.argmax(-1) == target).float()
+    hits = (logits.argmax(-1) == agree).float()
     return ce / (target >= 0).sum().clamp_min(1), hits
 
 
@@ -287,8 +292,8 @@ class Output(core.Output):
 @dataclass
 class Config(core.Config):
     kv_latent: int = 0               # d_c; 0 = round(0.1 * 2 * d_model) (154 at d768, 51 at d256, 26 at d128)
-    window: int = 128                # P1 / P3 sliding window
-    sparse_block: int = 64           # P2 Pell-Lucas block size
+    window: int = 0                  # P1 / P3 sliding window; 0 = max_seq_len // 4 (128 at 512 tokens)
+    sparse_block: int = 0            # P2 Pell-Lucas block size; 0 = max_seq_len // 8 (64 at 512 tokens)
     n_sink: int = 4                  # P3 global sink tokens
     n_lattice_layers: int = 2        # causal lattice layers between the bottom and top stacks
     lattice_gate_hidden: int = 256   # MLP_{d -> 256 -> n_lattice} of the lattice gates
@@ -298,21 +303,32 @@ class Config(core.Config):
     confidence_weight: float = 0.1
     depth_weight: float = 0.01
     pattern_entropy_weight: float = 1e-3
-    draft_min_confidence: float = 0.25   # drafts stop at the first offset with kappa below this
+    draft_cost: float = 0.05         # verifying k drafts costs ~ 1 + draft_cost * k one-token steps (CPU, d 128)
 
     def __post_init__(self):
         super().__post_init__()
         if not 1 <= self.horizon <= 8:
             raise core.UsageError(f"horizon={self.horizon} must lie in [1, 8] (the recursive head's offsets)")
-        for name in ("window", "sparse_block", "lattice_gate_hidden"):
-            if getattr(self, name) < 1:
-                raise core.UsageError(f"{name}={getattr(self, name)} must be >= 1")
-        if min(self.kv_latent, self.n_sink, self.n_lattice_layers) < 0:
-            raise core.UsageError("kv_latent, n_sink and n_lattice_layers must be >= 0")
+        if self.lattice_gate_hidden < 1:
+            raise core.UsageError(f"lattice_gate_hidden={self.lattice_gate_hidden} must be >= 1")
+        if min(self.kv_latent, self.window, self.sparse_block, self.n_sink, self.n_lattice_layers) < 0:
+            raise core.UsageError("kv_latent, window, sparse_block, n_sink and n_lattice_layers must be >= 0")
+        if self.draft_cost < 0:
+            raise core.UsageError(f"draft_cost={self.draft_cost} must be >= 0")
 
     @property
     def latent_dim(self):
         return self.kv_latent or max(1, round(0.2 * self.d_model))
+
+    @property
+    def attn_window(self):
+        """P1 / P3's window: `window`, or a quarter of the context."""
+        return self.window or max(1, self.max_seq_len // 4)
+
+    @property
+    def attn_block(self):
+        """P2's block size: `sparse_block`, or an eighth of the context (8 blocks, so gaps 3, 4, 5 and 7 are cut)."""
+        return self.sparse_block or max(1, self.max_seq_len // 8)
 
 
 class Model(core.LM):
@@ -366,6 +382,10 @@ class Model(core.LM):
     def embed(self, idx, pos):
         return self.drop(self.wte(idx) + PE_SCALE * self.pe(pos))
 
+    def readout(self, z):
+        """Normed states (..., D) -> logits (..., V) through the tied table (the main head and every offset)."""
+        return self.lm_head(z)
+
     def advance_prefix_sum(self, cache, start_pos):
         """Bring the cache's prefix-sum checkpoint to start_pos by re-embedding the cached tokens since it."""
         if cache.sum_pos > start_pos:
@@ -380,6 +400,11 @@ class Model(core.LM):
 
     def depth_range(self):
         return self.n_always, self.n_bottom
+
+    def pattern_masks(self, q_pos, k_pos):
+        """The model's 4 masks (4, Tq, Tk) at its window, block and sink sizes."""
+        c = self.config
+        return pattern_masks(q_pos, k_pos, c.attn_window, c.attn_block, c.n_sink)
 
     def select_patterns(self, tau):
         """tau (B, T, 4) -> (one-hot choices (B, T, n_attn, 4), pattern logits pi (B, T, n_attn, 4), fp32)."""
@@ -409,7 +434,7 @@ class Model(core.LM):
         lo, hi = self.depth_range()
         depth = lo + (hi - lo) * depth_frac                                               # (B, T) fp32
         sel, pi = self.select_patterns(tau)                                               # (B, T, n_attn, 4)
-        masks = pattern_masks(q_pos, k_pos, c.window, c.sparse_block, c.n_sink)           # (4, T, S)
+        masks = self.pattern_masks(q_pos, k_pos)                                          # (4, T, S)
         layer_sel = sel if self.training else sel.argmax(-1)                             # eval: indices (B, T, L)
 
         # adaptive bottom: hard gates in the forward pass, sigmoid((D - l + 1/2) / 0.5) in the backward pass
@@ -451,7 +476,8 @@ class Model(core.LM):
     def objective(self, logits, targets, horizon_hidden, kappa_logits, depth_frac, pi):
         c = self.config
         aux = {"lm": core.lm_loss(logits, targets)}
-        hits = [(logits.argmax(-1) == targets).float()]
+        main_pred = logits.detach().argmax(-1)                                            # what greedy picks
+        hits = [(main_pred == targets).float()]
         loss = aux["lm"]
         if horizon_hidden is not None:
             total, norm = 0.0, 0.0
@@ -460,7 +486,8 @@ class Model(core.LM):
                 weight = c.horizon_gamma ** offset
                 ce, hit = torch.utils.checkpoint.checkpoint(
                     _offset_ce_and_hits, horizon_hidden[:, :, j], self.wte.weight,
-                    core.horizon_targets(targets, offset), use_reentrant=False)
+                    core.horizon_targets(targets, offset), core.horizon_targets(main_pred, offset),
+                    use_reentrant=False)
                 aux[f"ce_{offset}"] = ce
                 hits.append(hit)
                 total, norm = total + weight * ce, norm + weight
@@ -477,19 +504,24 @@ class Model(core.LM):
                 - c.pattern_entropy_weight * aux["pattern_entropy"])
         return loss, aux
 
+    @staticmethod
+    def draft_acceptance(out):
+        """(B, T, H-1): the probability that offset k = 2..H's draft passes greedy verification, kappa_k (trained
+        by BCE on whether offset k's argmax equals the main head's argmax at t + k - 1)."""
+        return out.confidence[..., 1:]
+
     @torch.no_grad()
     def draft(self, seq, k, prev_out, prev_index):
-        """Greedy drafts from the horizon states at the last cached position, cut at the first offset whose
-        confidence is below draft_min_confidence; prompt lookup when no draft is confident."""
-        if prev_out is None or prev_out.horizon_hidden is None or k == 0:
+        """Greedy drafts from the horizon states at the last cached position, as many as maximise the expected
+        tokens per verification cost (best_draft_length with draft_acceptance); prompt lookup when no draft
+        pays for its verification."""
+        heads = min(k, self.config.horizon - 1)
+        if prev_out is None or prev_out.horizon_hidden is None or heads <= 0:
             return core.prompt_lookup_draft(seq, k)
-        drafts, _ = core.horizon_draft(seq, k, prev_out, prev_index, self.wte.weight)
-        kappa = prev_out.confidence[0, prev_index, 1:1 + drafts.numel()]
-        low = (kappa < self.config.draft_min_confidence).nonzero()
-        n = int(low[0, 0]) if low.numel() else drafts.numel()
+        n = core.best_draft_length(self.draft_acceptance(prev_out)[0, prev_index, :heads], self.config.draft_cost)
         if n == 0:
             return core.prompt_lookup_draft(seq, k)
-        return drafts[:n], None
+        return core.horizon_draft(seq, n, prev_out, prev_index, self.wte.weight)
 
 
 def expected_calibration_error(confidence, correct, bins=10):
@@ -526,12 +558,15 @@ if __name__ == "__main__":
     def extra(model, mode, idx, cached):
         out = model(idx[:, :-1], targets=idx[:, 1:])
         k = model.config.horizon
-        hits = torch.stack([(out.logits.argmax(-1) == idx[:, 1:])] + [
-            (F.linear(out.horizon_hidden[:, :, j], model.wte.weight).argmax(-1)
-             == core.horizon_targets(idx[:, 1:], j + 2)) for j in range(k - 1)], -1)
+        main = out.logits.argmax(-1)
+        # what kappa estimates: offset 1, the main argmax is the next token; offset k >= 2, its argmax is the main
+        # head's argmax at t + k - 1 (what greedy verification checks)
+        hits = torch.stack([(main == idx[:, 1:])] + [
+            (model.readout(out.horizon_hidden[:, :, j]).argmax(-1) == core.horizon_targets(main, j + 2))
+            for j in range(k - 1)], -1)
         valid = torch.stack([core.horizon_targets(idx[:, 1:], j + 1) >= 0 for j in range(k)], -1)
         ece = expected_calibration_error(out.confidence[valid], hits[valid])
-        print(f"  confidence on the overfit batch: ECE {ece:.3f}; per-offset accuracy "
+        print(f"  confidence on the overfit batch: ECE {ece:.3f}; per-offset hit rate "
               + ", ".join(f"{a:.2f}" for a in (hits & valid).float().sum((0, 1)).div(valid.sum((0, 1))).tolist()))
         print(f"  patterns chosen (eval): {out.patterns.sum((0, 1, 2)).tolist()} of P0..P3; bottom depth "
               f"{out.exit_depth.mean().item():.2f} of {model.n_bottom}; lattice gates "

@@ -3,9 +3,12 @@ lattice and a feedback loop, all strictly causal and with decoding equal to the 
 
 What it combines, bottom to top:
 - Poincare token embedding (Nickel & Kiela 2017; maps of Ganea et al. 2018): the table holds tangent vectors at
-  the origin, mapped into the ball by exp_0 and back by log_0 (fp32, safe clamps),
-  x_0 = sqrt(d) log_0(exp_0(e_id)) + PLPE(pos). `hyperbolic_head=True` gives the ball a real role: the tied head
-  scores tokens by Poincare distance, -d_c(exp_0(W_p h), exp_0(e_v)) / T + b_v.
+  the origin; exp_0 makes each row a point of the ball (fp32, safe clamps, the same numbers under autocast). The
+  ball does its work in the tied output head, on by default (`hyperbolic_head`): token v scores
+  b_v - d_c(exp_0(W_p LN_f h), exp_0(e_v)) / T, minus a Poincare distance, from one matmul over augmented rows
+  (ball_rows / ball_cols). `readout(z, flat=True)` scores the same weights by the flat distance the formula tends
+  to as the curvature goes to 0, to measure what the ball does. The input is x_0 = sqrt(d) log_0(exp_0(e_id)) +
+  PLPE(pos), which is the tangent vector itself inside radius ~6 and a smooth norm clip beyond.
 - Pell-Lucas positional encoding (core.PellLucasPE) and, with `sparse_attention=True`, the causal Pell-Lucas
   block-sparse mask (core.pell_lucas_block_mask; block-sparse attention as in Child et al. 2019), used
   identically by training and cached decoding.
@@ -27,9 +30,11 @@ What it combines, bottom to top:
   output, so it starts as the identity and never mixes positions.
 - Horizon head: offsets k = 2..H as rank-r adapters h + U_k V_k^T LN(h) (LoRA-style, Hu et al. 2021) read by the
   tied head, at every position (offsets >= 2 train on a random `horizon_sample` share of positions, a static
-  count, one offset's logits alive at a time); a calibrated uncertainty u_{t,k} = softplus(MLP(LN h_t)) regresses
-  the realised loss of offset k and cuts the self-speculative draft length (drafts verified losslessly,
-  Leviathan et al. 2023; Chen et al. 2023).
+  count, one offset's logits alive at a time); an uncertainty u_{t,k} = softplus(MLP(LN h_t)) regresses the
+  realised loss of offset k, and Output.acceptance = sigmoid(a_k + logit(exp(-s_k u_k))) turns it into the
+  probability that offset k's draft passes greedy verification (a_k, s_k fitted by BCE: Platt scaling that starts
+  at exp(-u)). Each speculative round drafts the length that maximises the expected tokens per verification cost
+  (best_draft_length); drafts are verified losslessly (Leviathan et al. 2023; Chen et al. 2023).
 
 What it does differently from the original, and why:
 - Everything is causal (the original Hebbian layer summed over future tokens), training = decoding (the Hebbian
@@ -42,7 +47,8 @@ What it does differently from the original, and why:
   tokens it had already seen, and its loss pushed the uncertainty to zero whatever the error).
 - Small liberties, each for a stated reason: the Hebbian write strength beta reads LN(x) like q, k, v (pre-norm
   everywhere); the uncertainty probe reads a detached h, so predicting the loss never reshapes the trunk;
-  when u cuts every draft, `draft` falls back to prompt lookup (free to try, still verified losslessly).
+  when no draft pays for its verification, `draft` falls back to prompt lookup (free to find, still verified
+  losslessly).
 - No document-id masking: this repo trains every model on nanoGPT-style windows without document
   ids, so attention, fast weights and horizon targets run across <|endoftext|> like every other model here.
 
@@ -62,10 +68,12 @@ import core
 
 POINCARE_EPS = 1e-5       # points stay at sqrt(c) |p| <= 1 - eps: strictly inside the ball in fp32
 UNCERTAINTY_HIDDEN = 64   # width of the uncertainty MLP d -> 64 -> H
+GROUP_SENTINELS = 3       # zero rows per lattice path, so no group of the grouped GEMM has 1 to 3 rows
 
 
 # -----------------------------------------------------------------------------
-# Poincare ball, all in fp32 (near the boundary lower precisions round points onto it)
+# Poincare ball, all in fp32 (near the boundary lower precisions round points onto it). Every map upcasts its
+# inputs and turns autocast off for its matmul, so it gives the same fp32 result inside bf16 / fp16 autocast.
 
 def _safe_norm(x):
     """|x| with a floor of 1e-15 applied before the square root, so the gradient at x = 0 is finite (zero)."""
@@ -73,8 +81,10 @@ def _safe_norm(x):
 
 
 def exp0(e, c=1.0):
-    """Tangent vector at the origin -> point of the ball: tanh(sqrt(c)|e|) e / (sqrt(c)|e|). The tanh is capped at
-    1 - eps, which rescales any point past norm (1 - eps)/sqrt(c) back to it, written without a second norm."""
+    """Tangent vector at the origin -> point of the ball: tanh(sqrt(c)|e|) e / (sqrt(c)|e|), fp32. The tanh is
+    capped at 1 - eps, which rescales any point past norm (1 - eps)/sqrt(c) back to it, written without a second
+    norm."""
+    e = e.float()
     sc, n = math.sqrt(c), _safe_norm(e)
     return torch.tanh(sc * n).clamp(max=1 - POINCARE_EPS) / (sc * n) * e
 
@@ -83,38 +93,93 @@ def exp0_gap(e, c=1.0):
     """1 - c|exp0(e)|^2 (..., 1), from the tangent norm: sech^2(sqrt(c)|e|) = 4 sigmoid(2a) sigmoid(-2a), floored
     at the cap's 1 - (1 - eps)^2. Near the boundary 1 - c|p|^2 computed from p's coordinates loses most of its
     digits (1 - 0.99999^2 in fp32); this keeps them, so the distance head is as accurate there as inside."""
-    a = 2 * math.sqrt(c) * _safe_norm(e)
+    a = 2 * math.sqrt(c) * _safe_norm(e.float())
     return (4 * torch.sigmoid(a) * torch.sigmoid(-a)).clamp_min(POINCARE_EPS * (2 - POINCARE_EPS))
 
 
 def log0(p, c=1.0):
-    """Point of the ball -> tangent vector at the origin: artanh(min(sqrt(c)|p|, 1 - eps)) p / (sqrt(c)|p|)."""
+    """Point of the ball -> tangent vector at the origin: artanh(min(sqrt(c)|p|, 1 - eps)) p / (sqrt(c)|p|), fp32."""
+    p = p.float()
     sc, n = math.sqrt(c), _safe_norm(p)
     return torch.atanh((sc * n).clamp(max=1 - POINCARE_EPS)) / (sc * n) * p
 
 
 def poincare_distance(x, y, c=1.0):
     """d_c(x, y) = (2/sqrt(c)) artanh(sqrt(c)|x - y| / sqrt(1 - 2c<x,y> + c^2 |x|^2 |y|^2)), element-wise over the
-    broadcast leading axes. The difference is formed directly, so d(x, x) is exactly 0 (the acosh form is not)."""
+    broadcast leading axes, fp32. The difference is formed directly, so d(x, x) is exactly 0 (the acosh form is
+    not)."""
+    x, y = x.float(), y.float()
     sc = math.sqrt(c)
     diff = ((x - y) ** 2).sum(-1).sqrt()
     denom = (1 - 2 * c * (x * y).sum(-1) + c * c * (x * x).sum(-1) * (y * y).sum(-1)).clamp_min(1e-30).sqrt()
     return 2 / sc * torch.atanh((sc * diff / denom).clamp(max=1 - POINCARE_EPS))
 
 
+def ball_rows(x, c=1.0, gap=None):
+    """Points x (N, D) of the ball -> (N, D + 2) rows c [x, |x|^2, 1] / (1 - c|x|^2), fp32 (see
+    poincare_distance_matrix). gap (N, 1): 1 - c|x|^2 from exp0_gap where the points came from exp0 (more accurate
+    near the boundary)."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        xx = (x * x).sum(-1, keepdim=True)
+        gap = 1 - c * xx if gap is None else gap.float()
+        return torch.cat([x, xx, torch.ones_like(xx)], -1) * (c / gap)
+
+
+def ball_cols(y, c=1.0, gap=None):
+    """Points y (V, D) of the ball -> (V, D + 2) columns [-2y, 1, |y|^2] / (1 - c|y|^2), fp32."""
+    with torch.autocast(y.device.type, enabled=False):
+        y = y.float()
+        yy = (y * y).sum(-1, keepdim=True)
+        gap = 1 - c * yy if gap is None else gap.float()
+        return torch.cat([-2 * y, torch.ones_like(yy), yy], -1) / gap
+
+
+HALF_Q_FLOOR = 1e-12      # q/2 is floored here, so sqrt keeps a finite gradient where rounding makes |x - y|^2 <= 0
+_A_FLOOR = float(torch.tensor(HALF_Q_FLOOR).sqrt().asinh())   # asinh(sqrt(floor)) as fp32 computes it
+
+
+def ball_distances(rows, cols, c=1.0):
+    """ball_rows (N, D+2), ball_cols (V, D+2) -> (N, V) Poincare distances, fp32: the product is q/2, and
+    d = acosh(1 + q) / sqrt(c) = (2 / sqrt(c)) asinh(sqrt(q/2))."""
+    with torch.autocast(rows.device.type, enabled=False):
+        half_q = (rows.float() @ cols.float().t()).clamp_min(HALF_Q_FLOOR)
+        return torch.asinh(half_q.sqrt()) * (2 / math.sqrt(c))
+
+
+class BallLogits(torch.autograd.Function):
+    """(half_q (N, V), bias (V,), k ()) -> bias - k asinh(sqrt(max(half_q, floor))): the distance head's
+    element-wise part, with k = 2 / (sqrt(c) T). Three in-place passes, and the backward keeps only
+    a = asinh(sqrt(q/2)) (da/dh = 1 / sinh(2a), zero where the floor holds) instead of autograd's four (N, V)
+    tensors: on CPU the head's element-wise work is most of its cost, and (N, V) tensors most of its memory."""
+
+    @staticmethod
+    def forward(ctx, half_q, bias, k):
+        a = half_q.clamp_min(HALF_Q_FLOOR).sqrt_().asinh_()
+        ctx.save_for_backward(a, k)
+        return torch.addcmul(bias, a, -k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, k = ctx.saved_tensors
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[1] else None
+        grad_k = -(grad * a).sum() if ctx.needs_input_grad[2] else None
+        grad_half_q = None
+        if ctx.needs_input_grad[0]:
+            grad_half_q = (2 * a).sinh_()
+            torch.div(grad, grad_half_q, out=grad_half_q)
+            grad_half_q = grad_half_q.masked_fill_(a <= _A_FLOOR, 0.0).mul_(-k)
+        return grad_half_q, grad_bias, grad_k
+
+
 def poincare_distance_matrix(x, y, c=1.0, gap_x=None, gap_y=None):
-    """x (N, D), y (V, D) -> (N, V) distances with one N x D x V matmul, in the equivalent acosh form
-    d = acosh(1 + q) / sqrt(c), q = 2c|x - y|^2 / ((1 - c|x|^2)(1 - c|y|^2)), written as log1p(q + sqrt(q(q + 2))).
-    For distant points (the bulk of a vocabulary) it is far better conditioned than the artanh form, whose argument
-    sits next to 1: the matmul's rounding, which differs between a batch and a single row, stays ~1e-7 relative.
-    gap_x (N, 1), gap_y (V, 1): 1 - c|.|^2 from exp0_gap where the points came from exp0 (more accurate).
-    q is floored at 1e-12 so the square root keeps a finite gradient where rounding makes |x - y|^2 <= 0."""
-    xx, yy, xy = (x * x).sum(-1, keepdim=True), (y * y).sum(-1)[None], x @ y.t()
-    gap_x = 1 - c * xx if gap_x is None else gap_x
-    gap_y = 1 - c * yy if gap_y is None else gap_y.t()
-    gap = gap_x * gap_y
-    q = (2 * c * (xx + yy - 2 * xy) / gap).clamp_min(1e-12)
-    return torch.log1p(q + torch.sqrt(q * (q + 2))) / math.sqrt(c)
+    """x (N, D), y (V, D) -> (N, V) distances, fp32, from ONE (N, D+2) x (D+2, V) matmul and three element-wise
+    passes. With q = 2c|x - y|^2 / ((1 - c|x|^2)(1 - c|y|^2)), d = acosh(1 + q) / sqrt(c), and q/2 is the product of
+    the augmented rows c [x, |x|^2, 1] / (1 - c|x|^2) and [-2y, 1, |y|^2] / (1 - c|y|^2). For distant points (the
+    bulk of a vocabulary) this is far better conditioned than the artanh form, whose argument sits next to 1: the
+    matmul's rounding, which differs between a batch and a single row, stays ~1e-7 relative. gap_x (N, 1),
+    gap_y (V, 1): 1 - c|.|^2 from exp0_gap where the points came from exp0."""
+    return ball_distances(ball_rows(x, c, gap_x), ball_cols(y, c, gap_y), c)
 
 
 # -----------------------------------------------------------------------------
@@ -447,17 +512,18 @@ class TopKPathLattice(nn.Module):
 
     def mix(self, h, top_paths, top_probs):
         """sum_j p_j h W_j for every token, as a grouped GEMM over the N*k (token, path) pairs sorted by path.
-        Each path also gets one zero sentinel row (token N, weight 0): a group of a single row would take the
-        matrix-vector kernel, which rounds differently from the matrix-matrix one, and then whether token t picked
-        path j would change the last bits of earlier tokens' outputs. With the sentinels every real row goes
-        through the same kernel and the sorted order of earlier rows never changes: causality holds bit for bit."""
+        Each path also gets GROUP_SENTINELS zero sentinel rows (token N, weight 0): the CPU grouped GEMM computes a
+        group of fewer than 4 rows with another kernel, which rounds differently, and then whether a later token
+        picked path j would change the last bits of earlier tokens' outputs. With the sentinels every group that
+        holds a real row has at least 4, every real row goes through the same kernel and the sorted order of
+        earlier rows never changes: causality holds bit for bit."""
         N, D = h.shape
         device = h.device
-        sentinels = torch.arange(self.paths, device=device)
-        pair_path = torch.cat([top_paths.reshape(-1), sentinels])                           # (N*k + P,)
+        sentinels = torch.arange(self.paths, device=device).repeat(GROUP_SENTINELS)
+        pair_path = torch.cat([top_paths.reshape(-1), sentinels])                           # (N*k + 3P,)
         pair_token = torch.cat([torch.arange(N, device=device).repeat_interleave(self.top_k),
                                 torch.full_like(sentinels, N)])
-        pair_prob = torch.cat([top_probs.reshape(-1), torch.zeros(self.paths, device=device)])
+        pair_prob = torch.cat([top_probs.reshape(-1), torch.zeros(sentinels.numel(), device=device)])
         order = torch.argsort(pair_path, stable=True)      # by path, then by token: earlier tokens come first
         counts = torch.zeros(self.paths, device=device, dtype=torch.long).scatter_add_(
             0, pair_path, torch.ones_like(pair_path))
@@ -467,7 +533,7 @@ class TopKPathLattice(nn.Module):
         if h.is_cuda and torch.is_autocast_enabled("cuda"):  # custom ops see no autocast: cast as it would
             dtype = torch.get_autocast_dtype("cuda")
             rows, weight = rows.to(dtype), weight.to(dtype)
-        rows = grouped_mm(rows, weight, offs).to(h.dtype)                                     # (N*k + P, D)
+        rows = grouped_mm(rows, weight, offs).to(h.dtype)                                    # (N*k + 3P, D)
         rows = rows * pair_prob[order, None].to(rows.dtype)
         return torch.zeros_like(h_padded).index_add(0, pair_token[order], rows)[:N]
 
@@ -516,6 +582,9 @@ class FeedbackLoop(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# draft length
+
+# -----------------------------------------------------------------------------
 # assembly
 
 class CrystallineBlock(nn.Module):
@@ -553,12 +622,13 @@ class CrystallineCache(core.Cache):
 @dataclass
 class Output(core.Output):
     uncertainty: Optional[torch.Tensor] = None   # (B, T, H): predicted CE of offsets 1..H at every position
+    acceptance: Optional[torch.Tensor] = None    # (B, T, H): P(offset k's draft passes greedy verification)
 
 
 @dataclass
 class Config(core.Config):
     curvature: float = 1.0            # c of the Poincare ball
-    hyperbolic_head: bool = False     # score tokens by Poincare distance instead of a dot product
+    hyperbolic_head: bool = True      # score tokens by Poincare distance (False: a dot product, no ball)
     sparse_attention: bool = False    # causal Pell-Lucas block-sparse attention
     sparse_block: int = 64            # its block size
     hebbian_chunk: int = 64           # chunk of the exact chunked-parallel fast-weight form
@@ -570,7 +640,7 @@ class Config(core.Config):
     horizon_weight: float = 0.5       # lambda_h
     horizon_gamma: float = 0.95       # w_k proportional to gamma^k
     horizon_sample: float = 0.25      # share of positions (a static count) that train offsets >= 2
-    draft_max_uncertainty: float = 4.0  # drafts stop at the first offset whose predicted CE (nats) exceeds this
+    draft_cost: float = 0.05          # verifying k drafts costs ~ 1 + draft_cost * k one-token steps (CPU, d 128)
 
     def __post_init__(self):
         super().__post_init__()
@@ -586,6 +656,8 @@ class Config(core.Config):
             raise core.UsageError(f"horizon_sample={self.horizon_sample} must lie in (0, 1]")
         if self.curvature <= 0:
             raise core.UsageError(f"curvature={self.curvature} must be positive")
+        if self.draft_cost < 0:
+            raise core.UsageError(f"draft_cost={self.draft_cost} must be >= 0")
 
 
 class Model(core.LM):
@@ -604,7 +676,9 @@ class Model(core.LM):
         self.ln_f = core.LayerNorm(D, c.bias)
         if c.hyperbolic_head:
             self.hyper_proj = nn.Linear(D, D, bias=False)
-            self.hyper_log_inv_temp = nn.Parameter(torch.zeros(()))
+            # 1/T starts at sqrt(d)/3: distances between random points concentrate like 1/sqrt(d), and this scale
+            # makes the logits spread about as much as the dot-product head's at init (std ~0.5)
+            self.hyper_log_inv_temp = nn.Parameter(torch.tensor(math.log(math.sqrt(D) / 3)))
             self.hyper_bias = nn.Parameter(torch.zeros(c.vocab_size))
         if H > 1:
             r = min(c.horizon_rank, D)
@@ -614,6 +688,10 @@ class Model(core.LM):
         self.uncertainty_ln = core.LayerNorm(D, c.bias)
         self.uncertainty = core.MLP(D, UNCERTAINTY_HIDDEN, bias=True)
         self.uncertainty.proj = nn.Linear(UNCERTAINTY_HIDDEN, H)
+        # u -> the probability that a draft passes greedy verification, per offset (see acceptance_logits);
+        # a = 0 and softplus(b) = 1 at init, where it is exp(-u). Vectors, so AdamW does not decay them
+        self.acceptance_shift = nn.Parameter(torch.zeros(H))                             # a_k
+        self.acceptance_scale = nn.Parameter(torch.full((H,), math.log(math.e - 1)))     # b_k
         self.apply(core.init_weights)
         # e ~ N(0, 1/d): |e| ~ 1, so sqrt(d) log0(exp0(e)) has unit-scale coordinates, like the PE beside it
         nn.init.normal_(self.wte.weight, std=D ** -0.5)
@@ -638,18 +716,46 @@ class Model(core.LM):
         x = math.sqrt(self.config.d_model) * log0(exp0(e, self.config.curvature), self.config.curvature)
         return self.drop((x + self.plpe(pos)).to(self.wte.weight.dtype))
 
-    def readout(self, z):
-        """Normed states (..., D) -> logits (..., V) through the tied table: dot product, or (hyperbolic_head)
-        minus the Poincare distance between exp0(W_p z) and exp0(e_v), over a temperature, plus a bias."""
+    def head_table(self):
+        """The readout's right operand, computed once per forward: the tied table itself (dot-product head), or
+        the tokens' points exp0(e_v) of the ball as ball_cols (V, D+2) in fp32. In inference (no autograd, eval
+        mode) it is kept until the table changes, so decoding does not redo V x D work at every step."""
+        weight = self.wte.weight
         if not self.config.hyperbolic_head:
-            return F.linear(z, self.wte.weight) * self.logit_scale
+            return weight
+        if torch.is_grad_enabled() or self.training:
+            return self._ball_table(weight)
+        key = (weight.data_ptr(), weight._version, weight.device, self.config.curvature)
+        memo = getattr(self, "_head_memo", None)
+        if memo is None or memo[0] != key:
+            memo = self._head_memo = (key, self._ball_table(weight))
+        return memo[1]
+
+    def _ball_table(self, weight):
+        c = self.config.curvature
+        return ball_cols(exp0(weight, c), c, exp0_gap(weight, c))
+
+    def readout(self, z, table=None, flat=False):
+        """Normed states (..., D) -> logits (..., V) through the tied table (head_table(), computed here when not
+        given). With hyperbolic_head (the default): b_v - d_c(exp0(W_p z), exp0(e_v)) / T, minus the Poincare
+        distance between the state's point and token v's point of the ball, over a learned temperature, plus a
+        bias, in fp32; without it a dot product with the table. flat=True scores the same weights by
+        2 |W_p z - e_v| / T instead: the distance the ball's formula tends to as the curvature goes to 0 (exp0 and
+        the metric's conformal factor 2 / (1 - c|x|^2) both become flat), i.e. the model with the ball taken out."""
+        if not self.config.hyperbolic_head:
+            return F.linear(z, self.wte.weight if table is None else table) * self.logit_scale
         c = self.config.curvature
         with torch.autocast(z.device.type, enabled=False):   # hyperbolic maps and distances in fp32: see exp0_gap
             tangent = self.hyper_proj(z.float()).reshape(-1, z.size(-1))
-            table = self.wte.weight.float()
-            dist = poincare_distance_matrix(exp0(tangent, c), exp0(table, c), c, exp0_gap(tangent, c),
-                                            exp0_gap(table, c))
-        return (self.hyper_bias - dist * self.hyper_log_inv_temp.exp()).reshape(*z.shape[:-1], -1)
+            inv_temp = self.hyper_log_inv_temp.float().exp()
+            if flat:
+                dist = 2 * torch.cdist(tangent, self.wte.weight.float())
+                logits = torch.addcmul(self.hyper_bias.float(), dist, -inv_temp)
+            else:
+                table = self.head_table() if table is None else table
+                half_q = ball_rows(exp0(tangent, c), c, exp0_gap(tangent, c)) @ table.t()     # (N, V) fp32
+                logits = BallLogits.apply(half_q, self.hyper_bias.float(), inv_temp * (2 / math.sqrt(c)))
+        return logits.reshape(*z.shape[:-1], -1)
 
     def horizon_states(self, h):
         """h (B, T, D) pre-LN_f -> LN_f(h + U_k V_k^T LN(h)) for offsets 2..H: (B, T, H-1, D)."""
@@ -661,12 +767,25 @@ class Model(core.LM):
         loss without reshaping the trunk to make its own loss easier to predict."""
         return F.softplus(self.uncertainty(self.uncertainty_ln(h.detach())).float())
 
-    def _offset_ce(self, z, target):
-        """Per-position CE (B, n) of one offset's states; 0 where the target is -1. Checkpointed by the caller,
-        so one offset's (B, n, V) logits live at a time (never [B, T, H, V])."""
-        logits = self.readout(z).float()
-        return F.cross_entropy(logits.flatten(0, 1), target.reshape(-1), ignore_index=-1,
-                               reduction="none").reshape(target.shape)
+    def acceptance_logits(self, u):
+        """u (..., H) -> (..., H) logits of the probability that offset k's greedy draft passes greedy
+        verification (for offset 1: that the main head's argmax is the next token): a_k + logit(exp(-s_k u_k)),
+        s_k = softplus(b_k). exp(-u) is the probability a calibrated head gives the token that comes when its
+        expected loss is u; the shift a_k and the scale s_k are fitted by BCE in training against what greedy
+        verification checks (Platt scaling on that prior), and start at exp(-u) itself (a = 0, s = 1)."""
+        su = (F.softplus(self.acceptance_scale.float()) * u.float()).clamp_min(1e-6)
+        return self.acceptance_shift.float() - su - torch.log(-torch.expm1(-su))
+
+    def _offset_ce(self, z, target, table=None, agree=None):
+        """Per-position CE (B, n) of one offset's states; 0 where the target is -1. With agree (B, n): also
+        1[argmax == agree] (no gradient). Checkpointed by the caller, so one offset's (B, n, V) logits live at a
+        time (never [B, T, H, V])."""
+        logits = self.readout(z, table).float()
+        ce = F.cross_entropy(logits.flatten(0, 1), target.reshape(-1), ignore_index=-1,
+                             reduction="none").reshape(target.shape)
+        if agree is None:
+            return ce
+        return ce, (logits.argmax(-1) == agree).float()
 
     def new_cache(self, batch_size, device=None, dtype=None):
         c, p = self.config, next(self.parameters())
@@ -695,19 +814,26 @@ class Model(core.LM):
             x = block(x, kv[n_bottom + i], heb[n_bottom + i], start_pos)
         h = x
         hn = self.ln_f(h)
-        logits = self.readout(hn)                                                 # (B, T, V)
+        table = self.head_table()
+        logits = self.readout(hn, table)                                          # (B, T, V)
         u = self.predicted_loss(h)                                                # (B, T, H)
+        acc_logits = self.acceptance_logits(u.detach())                           # (B, T, H)
         if targets is None:
             states = self.horizon_states(h) if c.horizon > 1 else None
-            return Output(logits=logits, hidden=hn, horizon_hidden=states, uncertainty=u)
-        loss, aux, states = self.objective(logits, h, u, targets, balance, z_loss)
-        return Output(logits=logits, loss=loss, hidden=hn, aux=aux, horizon_hidden=states, uncertainty=u)
+            return Output(logits=logits, hidden=hn, horizon_hidden=states, uncertainty=u,
+                          acceptance=torch.sigmoid(acc_logits))
+        loss, aux, states = self.objective(logits, h, u, acc_logits, targets, balance, z_loss, table)
+        return Output(logits=logits, loss=loss, hidden=hn, aux=aux, horizon_hidden=states, uncertainty=u,
+                      acceptance=torch.sigmoid(acc_logits))
 
-    def objective(self, logits, h, u, targets, balance, z_loss):
-        """(CE_1 + lambda_h sum_k w_k CE_k) / (1 + lambda_h) + 0.1 L_unc + 0.01 L_balance + 1e-3 L_z, with
-        w_k = gamma^k / sum gamma^k over k = 2..H: a weighted mean of CEs, so it stays on the ln V scale.
+    def objective(self, logits, h, u, acc_logits, targets, balance, z_loss, table=None):
+        """(CE_1 + lambda_h sum_k w_k CE_k) / (1 + lambda_h) + 0.1 L_unc + 0.1 L_acc + 0.01 L_balance + 1e-3 L_z,
+        with w_k = gamma^k / sum gamma^k over k = 2..H: a weighted mean of CEs, so it stays on the ln V scale.
         Offset 1 uses every position; offsets >= 2 use a random subset of a static size in training (all of them
-        in eval). L_unc = Huber(u - CE.detach()) over every (position, offset) that has a target."""
+        in eval). L_unc = Huber(u - CE.detach()) over every (position, offset) that has a target. L_acc = BCE of
+        the acceptance against what greedy verification checks: for offset k >= 2 at t, whether its argmax equals
+        the main head's argmax at t + k - 1 (for offset 1, whether the main argmax is the next token); it trains
+        only the calibration (u is detached)."""
         c = self.config
         B, T, V = logits.shape
         valid1 = targets >= 0
@@ -716,6 +842,9 @@ class Model(core.LM):
         aux = {"lm": ce1.sum() / valid1.sum().clamp_min(1)}
         unc_sum = F.huber_loss(u[..., 0], ce1.detach(), reduction="none").mul(valid1).sum()
         unc_count = valid1.sum()
+        main_pred = logits.detach().argmax(-1)                                    # (B, T): what greedy picks
+        bce = lambda z, hit: F.binary_cross_entropy_with_logits(z, hit, reduction="none")  # noqa: E731
+        acc_sum = bce(acc_logits[..., 0], (main_pred == targets).float()).mul(valid1).sum()
         states = None
         loss = aux["lm"]
         if c.horizon > 1:
@@ -727,8 +856,11 @@ class Model(core.LM):
             for j in range(c.horizon - 1):
                 offset = j + 2
                 target = core.horizon_targets(targets, offset)
-                target = target if pos is None else target[:, pos]
-                ce = torch.utils.checkpoint.checkpoint(self._offset_ce, states[:, :, j], target, use_reentrant=False)
+                agree = core.horizon_targets(main_pred, offset)                  # main argmax at t + k - 1
+                if pos is not None:
+                    target, agree = target[:, pos], agree[:, pos]
+                ce, hit = torch.utils.checkpoint.checkpoint(self._offset_ce, states[:, :, j], target, table, agree,
+                                                            use_reentrant=False)
                 valid = target >= 0
                 weight = c.horizon_gamma ** offset
                 horizon = horizon + weight * ce.sum() / valid.sum().clamp_min(1)
@@ -736,12 +868,15 @@ class Model(core.LM):
                 u_k = u[..., offset - 1] if pos is None else u[:, pos, offset - 1]
                 unc_sum = unc_sum + F.huber_loss(u_k, ce.detach(), reduction="none").mul(valid).sum()
                 unc_count = unc_count + valid.sum()
+                a_k = acc_logits[..., offset - 1] if pos is None else acc_logits[:, pos, offset - 1]
+                acc_sum = acc_sum + bce(a_k, hit).mul(valid).sum()
             aux["horizon"] = horizon / norm
             loss = (loss + c.horizon_weight * aux["horizon"]) / (1 + c.horizon_weight)
             states = states if pos is None else None   # a subset of positions is no drafting state
         aux["uncertainty"] = unc_sum / unc_count.clamp_min(1)
+        aux["acceptance"] = acc_sum / unc_count.clamp_min(1)
         aux["balance"], aux["router_z"] = balance, z_loss
-        loss = loss + 0.1 * aux["uncertainty"] + 0.01 * balance + 1e-3 * z_loss
+        loss = loss + 0.1 * aux["uncertainty"] + 0.1 * aux["acceptance"] + 0.01 * balance + 1e-3 * z_loss
         return loss, aux, states
 
     # -- decoding ------------------------------------------------------------------------------------------------
@@ -757,19 +892,25 @@ class Model(core.LM):
             ces.append(ce.sum() / (target >= 0).sum().clamp_min(1))
         return torch.stack(ces)
 
+    @staticmethod
+    def draft_acceptance(out):
+        """(B, T, H-1): the probability that offset k = 2..H's draft passes greedy verification (Output.acceptance,
+        the Platt-scaled predicted loss)."""
+        return out.acceptance[..., 1:]
+
     @torch.no_grad()
     def draft(self, seq, k, prev_out, prev_index):
-        """Greedy drafts from the horizon offsets at the last cached position (as core.horizon_draft), cut at the
-        first offset whose predicted loss u exceeds draft_max_uncertainty. When that leaves nothing (or there is
-        no previous output), prompt lookup proposes instead: its drafts cost nothing to try."""
+        """Greedy drafts from the horizon offsets at the last cached position (as core.horizon_draft), as many as
+        maximise the expected tokens per verification cost (best_draft_length, with draft_acceptance). When no
+        draft pays (or there is no previous output), prompt lookup proposes instead: its drafts cost nothing to
+        find, and verification keeps the output exact either way."""
         k = min(k, self.config.horizon - 1)
         if prev_out is None or prev_out.horizon_hidden is None or k <= 0:
             return core.prompt_lookup_draft(seq, k)
-        u = prev_out.uncertainty[0, prev_index, 1:k + 1]                        # offsets 2..k+1
-        confident = int((u <= self.config.draft_max_uncertainty).long().cumprod(0).sum())
-        if confident == 0:
+        n = core.best_draft_length(self.draft_acceptance(prev_out)[0, prev_index, :k], self.config.draft_cost)
+        if n == 0:
             return core.prompt_lookup_draft(seq, k)
-        return self.readout(prev_out.horizon_hidden[0, prev_index, :confident]).argmax(-1), None
+        return self.readout(prev_out.horizon_hidden[0, prev_index, :n]).argmax(-1), None
 
 
 if __name__ == "__main__":
@@ -777,13 +918,15 @@ if __name__ == "__main__":
         c = model.config
         counts = {name: sum(p.numel() for p in getattr(model, name).parameters())
                   for name in ("wte", "bottom", "lattice", "feedback", "top")}
+        if c.hyperbolic_head:
+            counts["distance head"] = model.hyper_proj.weight.numel() + model.hyper_bias.numel() + 1
         counts["horizon+uncertainty"] = model.num_params() - sum(counts.values()) - model.plpe.level.weight.numel() \
             - model.ln_f.weight.numel()
         print("  parameters by part: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
         stats = {}
-        spec = model.generate(idx[:1, :8], 24, temperature=0, speculative=True, draft_len=6, stats=stats)
-        assert torch.equal(cached, spec)
-        print(f"  speculative (draft_len 6, uncertainty cut {c.draft_max_uncertainty}): "
+        speculative = model.generate(idx[:1, :8], 24, temperature=0, speculative=True, draft_len=6, stats=stats)
+        assert torch.equal(cached, speculative)
+        print(f"  speculative (draft_len 6, draft cost {c.draft_cost}): "
               f"{24 / stats['model_calls']:.2f} tokens per call, accepted per pass {stats['accepted_hist']}")
         u = model(idx[:1, :-1]).uncertainty[0]
         print("  predicted loss per offset (mean over positions): "
@@ -797,5 +940,5 @@ if __name__ == "__main__":
         print(f"  cache after 32 tokens: {cache.nbytes() / 1024:.0f} KiB (KV + Hebbian log + state checkpoint)")
 
     core.lm_selftest("v8_2", lambda **kw: Model(core.make_config(Config, kw)), T=40, prompt_len=8, extra=extra)
-    print(f"default config with hyperbolic_head: "
-          f"{Model(Config(hyperbolic_head=True)).num_params():,} parameters")
+    print(f"default config with the dot-product head instead: "
+          f"{Model(Config(hyperbolic_head=False)).num_params():,} parameters")

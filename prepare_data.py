@@ -2,15 +2,22 @@
 
 After karpathy/llm.c `dev/data/fineweb.py`: documents are tokenized in a process pool, each preceded by
 <|endoftext|>, and packed in order into shards of `shard_size` tokens. Shard 0 is the validation shard, so
-validation numbers compare across runs. A shard is a 1024-byte header of 256 little-endian int32 (magic
-20240520, version 1, token count) followed by the tokens as little-endian uint16.
+validation numbers compare across runs. An input smaller than two shards (any text of less than 200M tokens
+at the default size) is split as nanoGPT splits a small text instead: the last 10% (at least one 1024-token
+window) for validation, the rest for training.
 
+    python prepare_data.py --input=my_text.txt               # any text file -> data/my_text
+    python prepare_data.py --corpus=stdlib --max_tokens=4000000    # offline: this Python's standard library
     python prepare_data.py                                   # fineweb-edu sample-10BT, streamed from the hub
-    python prepare_data.py --corpus=stdlib --shard_size=2000000    # offline: this Python's standard library
     python prepare_data.py --input='books/**/*.txt' --out_dir=data/books --max_tokens=50_000_000
 
---input takes a file, a directory or a glob. A .txt/.md/.py file is one document; .jsonl/.parquet files are
-streamed through `datasets` (the same path as the hub) and each record's `text` field is a document.
+--input takes a file, a directory or a glob. A .txt/.md/.py file is one document (a file that is not UTF-8
+text is refused, or skipped with a note among several); .jsonl/.parquet files are streamed through `datasets`
+(the same path as the hub) and each record's `text` field is a document.
+
+Nothing on disk is lost: the new shards are written to a hidden folder inside --out_dir and swapped in only
+when the set is complete, so an error or Ctrl+C leaves the previous set as it was. Each shard's header
+records its run and the run's shard count, so readers refuse a folder that mixes runs or lacks shards.
 """
 
 import contextlib
@@ -19,9 +26,12 @@ import itertools
 import multiprocessing as mp
 import os
 import re
+import shutil
+import signal
 import socket
 import sys
 import sysconfig
+import threading
 import time
 import urllib.parse
 
@@ -73,19 +83,25 @@ def get_tokenizer():
 # -----------------------------------------------------------------------------
 # shards
 
+# header: 256 little-endian int32; [0] magic, [1] version, [2] token count (llm.c reads these three),
+# [3] the id of the prepare_data.py run that wrote it, [4] the number of shards that run wrote (0: unknown)
 MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 1024
 TEXT_EXTS, RECORD_EXTS = (".txt", ".md", ".py"), (".jsonl", ".parquet")
 CORPORA = ("fineweb-edu", "stdlib")
 # {name}_val_000000.bin, {name}_train_000001.bin, ...: anchored at the end, so a name may itself contain "_val_"
 SHARD_RE = re.compile(r"^(?P<name>.+)_(?P<split>val|train)_(?P<index>\d{6})\.bin$")
+STAGING_RE = re.compile(r"^\.prepare-(?P<pid>\d+)\.partial$")
+VAL_SHARE = 0.1          # of an input smaller than two shards, as nanoGPT's 90/10 split
+MIN_VAL_TOKENS = 1025    # ... but at least one 1024-token window and its targets (at most half the input)
 
 DEFAULTS = dict(
-    input=None,               # file, directory or glob (** allowed); None: use --corpus
-    corpus="fineweb-edu",     # fineweb-edu (hub, streamed) or stdlib (offline, on every machine)
-    out_dir="",               # "": data/<corpus>, data/<file stem> for one file, data/custom for a glob
-    shard_size=100_000_000,   # tokens per shard, as llm.c
-    max_tokens=0,             # stop once this many tokens are written; 0: the whole corpus
-    num_proc=os.cpu_count() or 1,
+    input=None,               # a file, directory or glob (** allowed) of .txt/.md/.py/.jsonl/.parquet; None: --corpus
+    corpus="fineweb-edu",     # without --input: fineweb-edu (streamed from the hub) or stdlib (offline)
+    out_dir="",               # "": data/<corpus>, data/<file name> for one file, data/custom for several
+    shard_size=100_000_000,   # tokens per shard, as llm.c; an input under two shards is split 90/10 instead
+    max_tokens=0,             # stop once this many tokens are written; 0: the whole input
+    overwrite=False,          # replace the shards of another corpus in --out_dir (without it: an error)
+    num_proc=os.cpu_count() or 1,  # tokenizer processes
     chunksize=16,             # documents per task: enough to amortise the inter-process round trip
 )
 
@@ -93,7 +109,7 @@ DEFAULTS = dict(
 # shard files
 
 
-def write_shard(path, tokens):
+def write_shard(path, tokens, run_id=0, n_shards=0):
     """Write tokens (ints < 2**16) as a headered uint16 shard via path.tmp, so a crash never leaves a torn one."""
     tokens = np.asarray(tokens).reshape(-1)
     if tokens.dtype != np.uint16:
@@ -102,7 +118,7 @@ def write_shard(path, tokens):
             raise ValueError(f"{path}: tokens must be integers in [0, 65536) to fit uint16")
         tokens = tokens.astype(np.uint16)
     header = np.zeros(256, dtype="<i4")
-    header[:3] = MAGIC, VERSION, len(tokens)
+    header[:5] = MAGIC, VERSION, len(tokens), run_id, n_shards
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -112,6 +128,12 @@ def write_shard(path, tokens):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_header(path):
+    """(magic, version, count, run id, shards in the run) of a shard, or None when the file is too short."""
+    values = np.fromfile(path, dtype="<i4", count=5)
+    return tuple(int(v) for v in values) if len(values) == 5 else None
 
 
 def load_shard(path):
@@ -134,21 +156,52 @@ def load_shard(path):
     raise core.UsageError(f"shard {path} {problem}; {fix}")
 
 
-def list_shards(data_dir):
-    """(val_paths, train_paths), each sorted, of the shards in data_dir."""
-    make = (f"make them with `python prepare_data.py --corpus=stdlib --out_dir={data_dir}` (offline) "
-            f"or `python prepare_data.py --input=PATH --out_dir={data_dir}`")
+def how_to_make(data_dir):
+    return (f"make them with `python prepare_data.py --input=YOUR_TEXT --out_dir={data_dir}`, or use the offline "
+            f"corpus: `python prepare_data.py --corpus=stdlib` (into data/stdlib)")
+
+
+def shard_files(data_dir):
+    """The shard file names in data_dir (none when it is missing)."""
     if not os.path.isdir(data_dir):
-        raise core.UsageError(f"data directory {data_dir} does not exist: {make}")
+        return []
+    return sorted(f for f in os.listdir(data_dir) if SHARD_RE.match(f))
+
+
+def list_shards(data_dir):
+    """(val_paths, train_paths), each sorted, of the shards in data_dir, after checking that they are one
+    complete set: one corpus name, one prepare_data.py run, every shard of that run present."""
+    if not os.path.isdir(data_dir):
+        raise core.UsageError(f"data directory {data_dir} does not exist: {how_to_make(data_dir)}")
     found = {"val": [], "train": []}
-    for file in os.listdir(data_dir):
-        if m := SHARD_RE.match(file):
-            found[m["split"]].append(os.path.join(data_dir, file))
+    for file in shard_files(data_dir):
+        found[SHARD_RE.match(file)["split"]].append(os.path.join(data_dir, file))
     val, train = sorted(found["val"]), sorted(found["train"])
     if not val or not train:
         missing = "validation" if train else "training" if val else "token"
-        raise core.UsageError(f"no {missing} shards (*_val_*.bin, *_train_*.bin) in {data_dir}: {make}")
+        raise core.UsageError(f"no {missing} shards (*_val_*.bin, *_train_*.bin) in {data_dir}: "
+                              f"{how_to_make(data_dir)}")
+    check_shard_set(data_dir, val + train)
     return val, train
+
+
+def check_shard_set(data_dir, paths):
+    fix = (f"re-run prepare_data.py with --out_dir={data_dir} (it replaces the whole set), or prepare into an "
+           f"empty folder")
+    names = sorted({SHARD_RE.match(os.path.basename(p))["name"] for p in paths})
+    if len(names) > 1:
+        raise core.UsageError(f"{data_dir} mixes the shards of {len(names)} corpora ({', '.join(names)}): {fix}")
+    headers = {p: read_header(p) for p in paths}
+    runs = {h[3] for h in headers.values() if h is not None}
+    if len(runs) > 1:
+        raise core.UsageError(f"{data_dir} mixes shards of {len(runs)} different prepare_data.py runs "
+                              f"(an interrupted run, or shards copied in): {fix}")
+    counts = {h[4] for h in headers.values() if h is not None and h[3]}
+    indices = sorted(int(SHARD_RE.match(os.path.basename(p))["index"]) for p in paths)
+    for count in counts:
+        if count and indices != list(range(count)):
+            raise core.UsageError(f"{data_dir} holds {len(paths)} of the {count} shards of its prepare_data.py "
+                                  f"run (it was interrupted, or shards were removed): {fix}")
 
 # -----------------------------------------------------------------------------
 # tokenize and shard
@@ -161,60 +214,169 @@ def tokenize(text):
     return np.array(tokens, dtype=np.uint16)
 
 
-def prepare(docs, out_dir, name, shard_size=100_000_000, max_tokens=0, num_proc=1, chunksize=16, source=None):
+def _tokenize_sized(text):
+    return tokenize(text), len(text.encode("utf-8", errors="replace"))
+
+
+def _worker_init():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the parent's to handle: one line, no tracebacks
+
+
+def check_out_dir(out_dir, name, overwrite=False):
+    """Refuse to replace the shards of another corpus without overwrite (a file in the way is an error too)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise core.UsageError(f"--out_dir={out_dir} is a file, not a folder: choose another --out_dir")
+    others = sorted({SHARD_RE.match(f)["name"] for f in shard_files(out_dir)} - {name})
+    if others and not overwrite:
+        raise core.UsageError(f"{out_dir} holds the shards of another corpus ({', '.join(others)}); pass "
+                              f"--overwrite to replace them with {name!r}, or choose another --out_dir")
+
+
+def remove_stale_staging(out_dir):
+    """Remove the hidden folders of earlier runs that were killed before they could clean up."""
+    for entry in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        m = STAGING_RE.match(entry)
+        if not m:
+            continue
+        try:
+            os.kill(int(m["pid"]), 0)
+            if int(m["pid"]) != os.getpid():
+                continue  # that run is still going
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold Ctrl+C while the finished set is swapped in (milliseconds), then raise it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda *a: pending.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            raise KeyboardInterrupt
+
+
+def split_size(total):
+    """Validation tokens of an input smaller than two shards: VAL_SHARE, at least one window, at most half."""
+    return max(int(np.ceil(total * VAL_SHARE)), min(MIN_VAL_TOKENS, total // 2))
+
+
+def prepare(docs, out_dir, name, shard_size=100_000_000, max_tokens=0, num_proc=1, chunksize=16, source=None,
+            total_bytes=None, overwrite=False, log=None):
     """Tokenize an iterable of document strings into {name}_val_000000.bin, {name}_train_000001.bin, ... in
-    out_dir; remove shards an earlier run left there. Returns stats (documents, tokens, shards, seconds, ...)."""
+    out_dir. The set is written to a hidden folder in out_dir and swapped in when complete, replacing the
+    shards there; shards of another corpus name are an error unless overwrite. An input smaller than two
+    shards is split 90/10 (see split_size). total_bytes (the input's size, when known) makes the progress bar
+    count bytes of input. Returns stats (documents, tokens, shards, seconds, split, ...)."""
     source = source or name
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    check_out_dir(out_dir, name, overwrite)
     get_tokenizer()  # loaded before the pool forks, so workers inherit it
+    run_id = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF or 1
     buf = np.empty(shard_size, dtype=np.uint16)
     fill = n_docs = total = 0
-    written = []
+    staged, created, staging = [], not os.path.exists(out_dir), None
 
     def flush():
         nonlocal fill
-        split = "train" if written else "val"
-        written.append(os.path.join(out_dir, f"{name}_{split}_{len(written):06d}.bin"))
-        write_shard(written[-1], buf[:fill])
+        split = "train" if staged else "val"
+        staged.append(os.path.join(staging, f"{name}_{split}_{len(staged):06d}.bin"))
+        write_shard(staged[-1], buf[:fill], run_id)
         fill = 0
 
     t0 = time.time()
-    # the pool comes first: forking before datasets/fsspec start their threads is safe
-    with (mp.Pool(num_proc) if num_proc > 1 else contextlib.nullcontext()) as pool:
-        docs = (d for d in docs if d and not d.isspace())
-        # peek, so a source's errors (hub unreachable, no `text` field) surface here, before any shard is written
-        first = next(docs, None)
-        if first is None:
-            raise core.UsageError(f"no text found in {source}: every document is empty")
-        docs = itertools.chain([first], docs)
-        os.makedirs(out_dir, exist_ok=True)
-        token_arrays = pool.imap(tokenize, docs, chunksize) if pool else map(tokenize, docs)
-        with tqdm(total=max_tokens or None, unit="tok", unit_scale=True, desc=name) as bar:
-            for tokens in token_arrays:
-                if max_tokens:
-                    tokens = tokens[:max_tokens - total]
-                n_docs += 1
-                total += len(tokens)
-                bar.update(len(tokens))
-                while len(tokens):  # a long document may fill several shards
-                    n = min(len(tokens), shard_size - fill)
-                    buf[fill:fill + n] = tokens[:n]
-                    fill, tokens = fill + n, tokens[n:]
-                    if fill == shard_size:
-                        flush()
-                if max_tokens and total >= max_tokens:
-                    break
-            if fill:
+    try:
+        # the pool comes first: forking before datasets/fsspec start their threads is safe
+        with (mp.Pool(num_proc, _worker_init) if num_proc > 1 else contextlib.nullcontext()) as pool:
+            docs = (d for d in docs if d and not d.isspace())
+            # peek, so a source's errors (hub unreachable, no `text` field, not text) surface before any writing
+            first = next(docs, None)
+            if first is None:
+                raise core.UsageError(f"no text found in {source}: every document is empty")
+            docs = itertools.chain([first], docs)
+            os.makedirs(out_dir, exist_ok=True)
+            remove_stale_staging(out_dir)
+            staging = os.path.join(out_dir, f".prepare-{os.getpid()}.partial")
+            os.makedirs(staging, exist_ok=True)
+            token_arrays = pool.imap(_tokenize_sized, docs, chunksize) if pool else map(_tokenize_sized, docs)
+            if total_bytes:
+                bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{name} (input bytes)")
+            else:
+                bar = tqdm(total=max_tokens or None, unit="tok", unit_scale=True, desc=name)
+            with bar:
+                for tokens, n_bytes in token_arrays:
+                    if max_tokens:
+                        tokens = tokens[:max_tokens - total]
+                    n_docs += 1
+                    total += len(tokens)
+                    if total_bytes:
+                        bar.update(n_bytes)
+                        bar.set_postfix_str(f"{total:,} tokens", refresh=False)
+                    else:
+                        bar.update(len(tokens))
+                    while len(tokens):  # a long document may fill several shards
+                        n = min(len(tokens), shard_size - fill)
+                        buf[fill:fill + n] = tokens[:n]
+                        fill, tokens = fill + n, tokens[n:]
+                        if fill == shard_size:
+                            flush()
+                    if max_tokens and total >= max_tokens:
+                        break
+                if bar.total and bar.n != bar.total:  # blank documents, CRLF line ends or --max_tokens
+                    bar.total = bar.n
+                    bar.refresh()
+        seconds = time.time() - t0
+        split = None
+        if total < 2 * shard_size:
+            # too little for the llm.c layout (a whole shard of validation): split as nanoGPT does
+            if total < 2:
+                raise core.UsageError(f"{source} gave only {total} token: too little text to train on")
+            tokens = np.concatenate([np.array(load_shard(p)) for p in staged] + [buf[:fill]])
+            for p in staged:
+                os.remove(p)
+            staged.clear()
+            n_val = split_size(total)
+            buf, fill = tokens[total - n_val:], n_val
+            flush()
+            for i in range(0, total - n_val, shard_size):
+                buf, fill = tokens[i:min(i + shard_size, total - n_val)], min(shard_size, total - n_val - i)
                 flush()
-    seconds = time.time() - t0
-    # shards of an earlier, bigger run would otherwise be read as part of this dataset
-    keep = {os.path.basename(p) for p in written}
-    for file in os.listdir(out_dir):
-        if (SHARD_RE.match(file) or SHARD_RE.match(file.removesuffix(".tmp"))) and file not in keep:
-            os.remove(os.path.join(out_dir, file))
-    if len(written) == 1:
-        raise core.UsageError(f"{source} gave only {total:,} tokens, all in the validation shard {written[0]}, "
-                              f"so there are no training shards: lower --shard_size below {max(total // 2, 1):,}")
-    return dict(documents=n_docs, tokens=total, shards=written, seconds=seconds,
+            split = (total - n_val, n_val)
+            log(f"{source}: {total:,} tokens is less than two shards of --shard_size={shard_size:,}, so it is split "
+                f"as nanoGPT splits a small text: the first {total - n_val:,} tokens for training, the last "
+                f"{n_val:,} ({n_val / total:.0%}) for validation")
+        elif fill:
+            flush()
+        for p in staged:  # the run is complete: every header gets the set's size
+            with open(p, "r+b") as f:
+                f.seek(16)
+                f.write(np.array([len(staged)], dtype="<i4").tobytes())
+        with sigint_deferred():
+            keep = set()
+            for p in staged:
+                os.replace(p, os.path.join(out_dir, os.path.basename(p)))
+                keep.add(os.path.basename(p))
+            # the shards of an earlier run (a bigger one, or another corpus with overwrite) go
+            for file in os.listdir(out_dir):
+                if file not in keep and (SHARD_RE.match(file) or SHARD_RE.match(file.removesuffix(".tmp"))):
+                    os.remove(os.path.join(out_dir, file))
+            os.rmdir(staging)
+    finally:
+        if staging and os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+        if created and os.path.isdir(out_dir) and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+    shards = [os.path.join(out_dir, os.path.basename(p)) for p in staged]
+    return dict(documents=n_docs, tokens=total, shards=shards, seconds=seconds, split=split,
                 tokens_per_s=total / max(seconds, 1e-9), out_dir=out_dir)
 
 # -----------------------------------------------------------------------------
@@ -239,10 +401,41 @@ def find_inputs(pattern):
     return paths
 
 
-def text_files(paths):
+def text_problem(data):
+    """Why bytes are not UTF-8 text (None when they are): NUL bytes, or more than 1% undecodable bytes."""
+    if b"\x00" in data:
+        return "it holds NUL bytes: binary data"
+    try:
+        data.decode("utf-8")
+        return None
+    except UnicodeDecodeError:
+        pass
+    bad = data.decode("utf-8", errors="replace").count("\ufffd") - data.count("\ufffd".encode())
+    return f"{bad:,} of its {len(data):,} bytes are not UTF-8" if bad > len(data) / 100 else None
+
+
+def read_text(path):
+    """A text file's contents (universal newlines, undecodable bytes replaced); a UsageError for binary data
+    or another encoding."""
+    with open(path, "rb") as f:
+        data = f.read()
+    problem = text_problem(data)
+    if problem:
+        raise core.UsageError(f"{path} is not UTF-8 text ({problem}): give a text file (convert it to UTF-8), "
+                              f"or .jsonl/.parquet records with a 'text' field")
+    return data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def text_files(paths, skipped=None):
+    """One document per file. A file that is not text is an error, or, when `skipped` is a list, noted there
+    and left out (for corpora of many files)."""
     for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            yield f.read()  # one document per file
+        try:
+            yield read_text(path)
+        except core.UsageError:
+            if skipped is None:
+                raise
+            skipped.append(path)
 
 
 def record_texts(dataset, source):
@@ -254,10 +447,10 @@ def record_texts(dataset, source):
         yield from batch["text"]
 
 
-def input_documents(paths):
+def input_documents(paths, skipped=None):
     for path in paths:  # one load_dataset per file, so errors name the file and schemas may differ
         if path.endswith(TEXT_EXTS):
-            yield from text_files([path])
+            yield from text_files([path], skipped)
         else:
             import datasets
             builder = "json" if path.endswith(".jsonl") else "parquet"
@@ -307,25 +500,37 @@ def main():
     for key, low in (("shard_size", 1), ("max_tokens", 0), ("num_proc", 1), ("chunksize", 1)):
         if args[key] < low:
             raise core.UsageError(f"--{key}={args[key]} must be at least {low}")
+    skipped, total_bytes = [], None
     if args["input"] is not None:
         pattern = str(args["input"])
         paths = find_inputs(pattern)
         single = os.path.isfile(os.path.expanduser(pattern))
         name = os.path.splitext(os.path.basename(paths[0]))[0] if single else "custom"
-        docs, source = input_documents(paths), f"--input={pattern}"
+        docs, source = input_documents(paths, None if single else skipped), f"--input={pattern}"
+        if all(p.endswith(TEXT_EXTS) for p in paths):
+            total_bytes = sum(os.path.getsize(p) for p in paths)
     elif args["corpus"] == "stdlib":
-        name, docs, source = "stdlib", text_files(stdlib_paths()), "the stdlib corpus"
+        paths = stdlib_paths()
+        name, docs, source = "stdlib", text_files(paths, skipped), "the stdlib corpus"
+        total_bytes = sum(os.path.getsize(p) for p in paths)
     elif args["corpus"] == "fineweb-edu":
         name, docs, source = "fineweb-edu", fineweb_documents(), "fineweb-edu"
     else:
         raise core.UsageError(f"unknown corpus {args['corpus']!r}: choose one of {', '.join(CORPORA)}, "
                               f"or give local files with --input=PATH")
     out_dir = args["out_dir"] or os.path.join("data", name)
-    stats = prepare(docs, out_dir, name, args["shard_size"], args["max_tokens"], args["num_proc"],
-                    args["chunksize"], source)
-    print(f"{stats['documents']:,} documents, {stats['tokens']:,} tokens, {len(stats['shards'])} shards "
-          f"(1 val + {len(stats['shards']) - 1} train) in {stats['seconds']:.1f}s, "
-          f"{stats['tokens_per_s']:,.0f} tokens/s -> {out_dir}", file=sys.stderr)
+    try:
+        stats = prepare(docs, out_dir, name, args["shard_size"], args["max_tokens"], args["num_proc"],
+                        args["chunksize"], source, total_bytes=total_bytes, overwrite=args["overwrite"])
+    except KeyboardInterrupt:
+        print(f"interrupted: {out_dir} is as it was before this run", file=sys.stderr)
+        sys.exit(130)
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that are not UTF-8 text: {', '.join(skipped[:3])}"
+              + (", ..." if len(skipped) > 3 else ""), file=sys.stderr)
+    n = len(stats["shards"])
+    print(f"{stats['documents']:,} documents, {stats['tokens']:,} tokens, {n} shards (1 val + {n - 1} train) "
+          f"in {stats['seconds']:.1f}s, {stats['tokens_per_s']:,.0f} tokens/s -> {out_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -15,21 +15,22 @@ import torch
 
 import configurator
 import core
+import generate
 import prepare_data
 
 ckpt = "out"              # a run directory holding ckpt.pt, or the .pt file itself
 prompt = "\n"             # text, or FILE:path to read the prompt from a file
-num_samples = 1
-max_new_tokens = 200
+num_samples = 1           # samples, one after another
+max_new_tokens = 200      # tokens generated per sample
 temperature = 0.8         # 0 = greedy
 top_k = 200               # 0 disables
 top_p = 1.0               # nucleus sampling; 1.0 disables
-seed = 1337
-use_cache = True
+seed = 1337               # the sampling generator's seed: the same seed gives the same samples
+use_cache = True          # decode with the KV cache (False: recompute the whole context every token)
 speculative = False       # draft-and-verify decoding; lossless (exactly greedy's tokens at temperature 0)
-draft_len = 4
+draft_len = 4             # --speculative: tokens drafted per model call
 inject = ""               # chunk-mode context injection: FILE@ANCHOR[,FILE@ANCHOR...], anchors are spine chunk indices
-device = "auto"
+device = "auto"           # auto picks cuda, else cpu
 
 
 def main():
@@ -111,7 +112,7 @@ def run_samples(model, idx, text, enc, generator):
             line += (f" | speculative: {max_new_tokens / calls:.2f} tokens per model call, mean accepted drafts "
                      f"{sum(n * c for n, c in enumerate(hist)) / max(1, sum(hist)):.2f} of {draft_len}")
             # drafts past the model's horizon offsets are never proposed: report the heads that exist
-            rates = core.acceptance_per_head(hist)[:getattr(model.config, "horizon", len(hist)) - 1]
+            rates = generate.acceptance_per_head(hist)[:getattr(model.config, "horizon", len(hist)) - 1]
             line += ", acceptance per draft " + " ".join(f"{r:.2f}" for r in rates if r == r)
             # the speed-up is measured, not estimated: the same generation once more without speculation
             t0 = time.perf_counter()
