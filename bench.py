@@ -197,19 +197,19 @@ def bench_generation(runs, s, data_dir):
         model = core.model_from_checkpoint(core.load_checkpoint(run_dir)).eval()
         uncached, r_unc, _ = timed_generate(model, prompt, n, temperature=0, use_cache=False)
         cached, r_c, _ = timed_generate(model, prompt, n, temperature=0)
-        spec, r_s, st = timed_generate(model, prompt, n, temperature=0, speculative=True, draft_len=s["draft_len"])
+        speculative, r_s, st = timed_generate(model, prompt, n, temperature=0, speculative=True, draft_len=s["draft_len"])
         g = torch.Generator().manual_seed(0)
         _, r_cs, _ = timed_generate(model, prompt, n, temperature=0.8, top_k=50, generator=g)
         _, r_ss, st_s = timed_generate(model, prompt, n, temperature=0.8, top_k=50, speculative=True,
                                        draft_len=s["draft_len"], generator=g)
-        same = torch.equal(uncached, cached) and torch.equal(cached, spec)
+        same = torch.equal(uncached, cached) and torch.equal(cached, speculative)
         rows.append([model_label(name, mode), f"{r_unc:,.1f}", f"{r_c:,.1f}", f"{r_c / r_unc:.1f}x",
                      f"{r_s:,.1f}", f"{r_s / r_c:.2f}x", f"{n / st['model_calls']:.2f}",
                      f"{r_ss / r_cs:.2f}x", f"{n / st_s['model_calls']:.2f}", "yes" if same else "NO"])
     title = (f"Generation ({n} new tokens after a 16-token prompt, batch 1, CPU; speculative draft length "
              f"{s['draft_len']}; sampled: temperature 0.8, top-k 50)")
     header = ["model", "uncached tok/s", "cached tok/s", "cached vs uncached", "speculative tok/s",
-              "spec vs cached", "tokens/call (greedy)", "spec vs cached (sampled)", "tokens/call (sampled)",
+              "speculative vs cached", "tokens/call (greedy)", "speculative vs cached (sampled)", "tokens/call (sampled)",
               "greedy outputs equal"]
     return table(title, header, rows)
 

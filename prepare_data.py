@@ -295,7 +295,7 @@ def prepare(docs, out_dir, name, shard_size=100_000_000, max_tokens=0, num_proc=
 
     t0 = time.time()
     try:
-        # the pool comes first: forking before datasets/fsspec start their threads is safe
+        # the pool comes first: forking before the datasets library starts its file-system threads is safe
         with (mp.Pool(num_proc, _worker_init) if num_proc > 1 else contextlib.nullcontext()) as pool:
             docs = (d for d in docs if d and not d.isspace())
             # peek, so a source's errors (hub unreachable, no `text` field, not text) surface before any writing

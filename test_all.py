@@ -33,7 +33,6 @@ import paged_cache
 import prepare_data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED_TEXT = os.path.join(HERE, "..", "shared", "data", "tinyshakespeare.txt")
 
 # -----------------------------------------------------------------------------
 # helpers: one tiny-model builder, one training loop, the token streams they train on
