@@ -103,5 +103,6 @@ class Model(core.LM):
 
 
 if __name__ == "__main__":
-    # the default 29 positions are not a multiple of chunk_size
-    core.lm_selftest("v4", lambda **kw: core.build_model("v4", **kw), ("token", "chunk"))
+    # the default 29 positions are not a multiple of chunk_size; chunk mode, whose horizon offsets train on a random
+    # share of positions each step, overfits one batch more slowly: the same bound as v6's chunk mode
+    core.lm_selftest("v4", lambda **kw: core.build_model("v4", **kw), ("token", "chunk"), overfit_below=0.8)
