@@ -3,8 +3,9 @@
 - config base (`Config`), the model registry (`MODELS`, `build_model`) and the one-line `UsageError`;
 - layers: LayerNorm, MLP, causal self-attention with a preallocated KV cache that can be rolled back, Block,
   GPT-2 initialisation; the LM base class (`LM`: generate, caches, FLOP count) and its next-token loss;
-- the spine lattice (`spine_positions`, `LatticeCore`), per-token early exit (`ExitHead`, `SpineTrunk`);
-- horizon heads and their loss (`HorizonHeads`, `horizon_objective`, `horizon_draft`) and prompt-lookup drafts;
+- the spine lattice (`spine_positions`, `LatticeCore`), per-token early exit (`ExitHead`, `SpineTrunk`) and its
+  threshold from a held-out loss tolerance (`calibrate_exit`, `exit_profile`);
+- horizon heads and their loss (`HorizonHeads`, `horizon_objective`) and prompt-lookup drafts;
 - the chunk hierarchy (`ChunkEncoder`, `LocalDecoder`, `ChunkHierarchy`) of the chunk-mode variants;
 - Pell-Lucas positions and block-sparse masks; checkpoints; the self-test every model file runs.
 
@@ -216,7 +217,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
         dropout = self.dropout if self.training else 0.0
-        if kv_cache is None or start_pos == 0:
+        if torch.is_tensor(start_pos):  # a ragged batch, row b at positions start_pos[b]..: the paged cache's attend
+            y = kv_cache.attend(q, k, v, start_pos.tolist())
+        elif kv_cache is None or start_pos == 0:
             if kv_cache is not None:
                 kv_cache.update(0, k, v)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -273,10 +276,20 @@ class Output:
 
 
 def check_context(config, start_pos, T):
-    """Positions start_pos..start_pos+T-1 must fit the model's context: an error, never a clamp or a modulo."""
+    """Positions start_pos..start_pos+T-1 must fit the model's context: an error, never a clamp or a modulo.
+    start_pos is an int, or a (B,) LongTensor of per-row starts (ragged decoding through a paged cache)."""
+    if torch.is_tensor(start_pos):
+        start_pos = int(start_pos.max())
     if start_pos + T > config.max_seq_len:
         raise UsageError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len={config.max_seq_len}; "
                          f"crop the input or build with a longer max_seq_len")
+
+
+def positions(start_pos, T, device):
+    """Absolute positions of T tokens from start_pos: (T,) for an int, (B, T) for per-row starts (B,)."""
+    if torch.is_tensor(start_pos):
+        return start_pos[:, None] + torch.arange(T, device=device)
+    return torch.arange(start_pos, start_pos + T, device=device)
 
 
 def lm_loss(logits, targets):
@@ -293,6 +306,11 @@ class LM(nn.Module):
     """
 
     config: Config
+    ragged_decoding = False   # True where forward takes a (B,) tensor of per-row start positions (paged cache)
+
+    def head_logits(self, h):
+        """Logits of a hidden state through the final norm and the tied head (what early exit's targets read)."""
+        return self.lm_head(self.ln_f(h))
 
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())
@@ -331,13 +349,26 @@ class LM(nn.Module):
                       for a in attns])
 
     def draft(self, seq, k, prev_out, prev_index):
-        """Propose k tokens to follow seq. The default has no model-side drafter: prompt lookup."""
-        return prompt_lookup_draft(seq, k)
+        """Greedy drafts (k' <= k tokens to follow seq, None) by speculative decoding's rule before any evidence:
+        from the horizon offsets (draft_logits) or prompt lookup, whichever gives more expected tokens per
+        verification cost, as many as pay for their verification, or none (generate.plan_drafts)."""
+        import generate
+        return generate.first_round_drafts(self, seq, k, prev_out, prev_index)
+
+    def draft_logits(self, prev_out, prev_index, k):
+        """(k', V) logits, k' <= k, of horizon offsets 2..k'+1 at position prev_index of prev_out's row 0 (they
+        draft the k' tokens after the pending one; speculative decoding reads them), or None for a model without
+        horizon states. Offsets read out through the tied head."""
+        if prev_out.horizon_hidden is None:
+            return None
+        return F.linear(prev_out.horizon_hidden[0, prev_index, :k], self.lm_head.weight)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  speculative=False, generator=None, draft_len=4, stats=None, callback=None):
-        """-> (B, T + max_new_tokens) tokens: plain, cached or speculative generation (see generate.py)."""
+        """-> (B, T + max_new_tokens) tokens: plain, cached or speculative generation (see generate.py). idx may be a
+        list of 1-D prompts of different lengths: then a list of sequences, decoded as one ragged batch where the
+        model's paged cache allows it."""
         import generate  # generation builds on core, so core reaches it only at call time
         return generate.generate(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, speculative,
                                  generator, draft_len, stats, callback)
@@ -381,6 +412,57 @@ def best_draft_length(accept, cost):
 
 
 # -----------------------------------------------------------------------------
+# routers that stay adaptive after training (v4.1's offset routing, v5's processor gates, ChaosLogic's task
+# analyzer, lattice gates and pattern selector)
+#
+# Trained through the language-model loss alone, a router drifts to one constant mixture for every token, or shuts
+# a gate for good: a shut sigmoid gate passes (almost) no gradient to the branch it gates, so the branch never
+# improves and the gate never gets a reason to reopen (the rich-get-richer collapse of mixture-of-experts routers,
+# Shazeer et al. 2017). The models add the standard counter-measures as small auxiliary losses. A loss may average
+# over the batch; every routing decision stays a function of its own token and earlier ones.
+
+def routing_information(p):
+    """mean_t H(p_t) - H(mean p), averaged over the routers, for routing distributions p (B, T, *routers, K), where
+    the mean routing is taken over the batch's rows at each position: minus the mutual information between a
+    token's content and its choice given its position, in [-ln K, 0]. Minimising it keeps each token decisive
+    (low H(p_t)) while the rows at a position together use every choice (high entropy of their mean routing: the
+    soft, differentiable form of Switch / GShard's balance term N sum_i f_i P_i, Fedus et al. 2021; Lepikhin et al.
+    2020). A router that gives every token one mixture sits at 0, the worst value; so does one that routes by
+    position alone, which the term over all B*T tokens rewarded (v5's gates learned to alternate with position).
+    A batch of one row has no rows to compare, and takes the mean over its positions instead."""
+    p = p.float()
+    token_entropy = -(p * p.clamp_min(1e-9).log()).sum(-1).mean()
+    mean = p.mean((0, 1) if p.size(0) == 1 else 0)
+    return token_entropy + (mean * mean.clamp_min(1e-9).log()).sum(-1).mean()
+
+
+def init_router(*layers):
+    """Re-initialise a router's Linear layers (input to output) so that its logits vary with unit scale across
+    tokens from the first step: N(0, 2 / fan_in) before a ReLU / GELU (He et al. 2015), N(0, 1 / fan_in) for the
+    logits, for inputs of unit scale (normed). GPT's N(0, 0.02) gives logits that differ between tokens by ~0.01,
+    and the routing terms cannot create a spread that is not there: a router that treats every token alike is a
+    stationary point of routing_information, which only amplifies differences (symmetry breaking at init, as a
+    mixture-of-experts router needs)."""
+    for i, layer in enumerate(layers):
+        nn.init.normal_(layer.weight, std=((2 if i < len(layers) - 1 else 1) / layer.in_features) ** 0.5)
+
+
+def bernoulli(gates):
+    """Sigmoid gates (...,) as two-way distributions (..., 2) [g, 1 - g], for routing_information."""
+    return torch.stack([gates, 1 - gates], -1)
+
+
+def router_z_loss(logits, gate=False):
+    """ST-MoE's router z-loss (Zoph et al. 2022): mean of logsumexp(logits)^2 over the last axis. It keeps router
+    logits small, where a softmax still responds to its input and passes gradient. gate=True reads sigmoid-gate
+    logits z as the two-way softmax [z / 2, -z / 2], so both a wide-open and a shut gate pay."""
+    logits = logits.float()
+    if gate:
+        logits = torch.stack([logits / 2, -logits / 2], -1)
+    return logits.logsumexp(-1).square().mean()
+
+
+# -----------------------------------------------------------------------------
 # spine lattice (HST v3, v4 and the variants after them)
 #
 # The "harmonic spine" of the original HST scripts: positions 0, 2, 4, then s_n = 2 (s_{n-1} + s_{n-2} + s_{n-3})
@@ -391,15 +473,22 @@ def best_draft_length(accept, cost):
 @dataclass
 class SpineConfig(Config):
     """Config fields shared by the spine-lattice variants (v3, v4)."""
-    n_bottom_layers: int = 2        # adaptive (early-exit) layers before the lattice; the rest of n_layers are top
+    # adaptive (early-exit) layers before the lattice, each but the last with an exit head; the rest of n_layers are
+    # top. 0: half the stack, at least 2 (2 of 4 at the cpu_tiny size; 8 of 16, so 7 exit points, at the T4 size).
+    # Exits live only here: the lattice and the top blocks run for every token, as the lattice reads spine rows.
+    n_bottom_layers: int = 0
     horizon: int = 4                # horizon offsets 1..horizon; 1 is the main head
     horizon_weight: float = 0.5     # lambda_h of the horizon term in the objective
     horizon_gamma: float = 0.95     # discount of offset k: gamma^(k-1)
     horizon_sampling: bool = True   # training reads each offset >= 2 out at a random 1/(H-1) of positions (unbiased)
-    exit_threshold: float = 0.93    # inference: a token exits once its confidence exceeds it; > 1 never exits
+    # inference: a token exits once its confidence exceeds it; > 1 never exits (the dense model). Set from a held-out
+    # loss tolerance by calibrate_exit (train.py does at the end of training) and saved with the config.
+    exit_threshold: float = 2.0
 
     def __post_init__(self):
         super().__post_init__()
+        if self.n_bottom_layers == 0:
+            self.n_bottom_layers = min(self.n_layers, max(2, self.n_layers // 2))
         if not 1 <= self.n_bottom_layers <= self.n_layers:
             raise UsageError(f"n_bottom_layers={self.n_bottom_layers} must lie in [1, n_layers={self.n_layers}]")
         if self.horizon < 1:
@@ -568,12 +657,20 @@ class LatticeCore(nn.Module):
 # early exit (per token, CALM-style state propagation)
 #
 # Each exit head reads one token's own state, so decisions are causal and never depend on other samples (the
-# original pooled its confidence over the sequence and the batch). Training runs every layer and fits the heads
-# to a detached saturation target; only inference takes hard decisions, and an exited token's state is copied
-# upward while every skipped layer still caches its K/V (Schuster et al. 2022, "CALM"), so caches stay complete.
+# original pooled its confidence over the sequence and the batch). Training runs every layer and fits each head
+# to a CALM target (Schuster et al. 2022) read through the model's own final norm and tied head: 1 where the
+# layer's state already predicts the next token within EXIT_CE_MARGIN nats of the final state's cross-entropy
+# (without labels, in chunk mode's global model: where it predicts the final state's top token). Unlike the old
+# saturation target 1[cos(h^l, h^L) > 0.95], which was 0 or 1 for every token of a layer, it varies per token
+# (easy tokens are right early). The loss target, not top-token agreement, because exits are priced in loss: on
+# a trained tiny model the tokens whose top token already agrees were no cheaper to exit than the average one.
+# Only inference takes hard decisions, at a threshold that calibrate_exit chooses from a held-out loss tolerance;
+# an exited token's state is copied upward while every skipped layer still caches its K/V, so caches stay complete.
 
-EXIT_SATURATION = 0.95    # a layer's state counts as saturated when cos(h^l, h^L) > 0.95
 EXIT_LOSS_WEIGHT = 0.03   # the original's weight of its depth term
+EXIT_READOUT_SHARE = 0.25  # the exit targets' readout costs this share of the LM head's forward per step
+EXIT_CE_MARGIN = 0.1      # target 1: the layer's next-token CE is within this many nats of the final state's
+EXIT_TOLERANCE = 0.02     # default of calibrate_exit: held-out nats/token that exiting may cost over dense
 
 
 class ExitHead(nn.Module):
@@ -588,15 +685,39 @@ class ExitHead(nn.Module):
         return self.fc(self.ln(h)).squeeze(-1)  # (B, T)
 
 
-def exit_head_loss(heads, states, final):
-    """Sum over exit heads of BCE(c^l, 1[cos(h^l, h^L) > EXIT_SATURATION]), targets and inputs detached so the
-    heads learn to read the stack without reshaping it. states: the hidden states after layers 1..len(heads)."""
-    final = final.detach()
-    total = final.new_zeros(())
-    for head, state in zip(heads, states):
-        state = state.detach()
-        target = (F.cosine_similarity(state, final, dim=-1) > EXIT_SATURATION).to(state.dtype)
-        total = total + F.binary_cross_entropy_with_logits(head(state).float(), target.float())
+def exit_head_loss(heads, states, final, readout, labels=None):
+    """Sum over exit heads of BCE(c^l, target^l), target^l = 1[CE(readout(h^l), y) <= CE(readout(h^L), y) +
+    EXIT_CE_MARGIN] with labels y (B, T), else 1[argmax readout(h^l) == argmax readout(h^L)]. states: the hidden
+    states after bottom layers 1..len(heads) (more are ignored); final (B, T, D): the state the model's prediction
+    is read from; readout: such a state -> logits (the model's final norm and tied head). Inputs and targets are
+    detached, so the heads learn to read the stack without reshaping it.
+
+    Reading a state out costs a V-wide matmul, so each step reads out a fresh uniform sample of n positions (the
+    same for every layer), about EXIT_READOUT_SHARE of the LM head's forward in all, without gradient. The mean BCE
+    over a uniform sample drawn without replacement is an unbiased estimate of the mean over all positions (each
+    position is in the sample with the same probability n / (B T)), so the heads fit the dense objective in
+    expectation. Dense: no host sync, no data-dependent branch."""
+    B, T, D = final.shape
+    N, L = B * T, len(heads)
+    rows = sample_rows(N, max(1, math.ceil(N * EXIT_READOUT_SHARE / (L + 1))), final.device)
+
+    def pick(t):
+        t = t.detach().reshape(N, *t.shape[2:])
+        return t if rows is None else t[rows]
+
+    xs = [pick(t) for t in [final] + list(states[:L])]
+    with torch.no_grad():
+        logits = readout(torch.cat(xs)).float()                              # ((L + 1) n, V)
+        if labels is None:
+            top = logits.argmax(-1).view(L + 1, -1)                          # (L + 1, n): top token per state
+            targets = (top[1:] == top[:1]).float()                           # (L, n)
+        else:
+            y = pick(labels).repeat(L + 1)
+            ce = F.cross_entropy(logits, y, ignore_index=-1, reduction="none").view(L + 1, -1)
+            targets = (ce[1:] <= ce[:1] + EXIT_CE_MARGIN).float()            # (L, n)
+    total = final.new_zeros((), dtype=torch.float32)
+    for head, x, target in zip(heads, xs[1:], targets):
+        total = total + F.binary_cross_entropy_with_logits(head(x).float(), target)
     return total
 
 
@@ -608,6 +729,57 @@ def fill_kv(block, x, kv_cache, start_pos):
     k, v = F.linear(block.ln_1(x), w, b).split(D, dim=2)
     k, v = (t.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2) for t in (k, v))
     kv_cache.update(start_pos, k, v)
+
+
+def spine_offsets(max_len):
+    """R = {1} and the spine's nonzero positions below max_len, read as relative offsets: [1, 2, 4, 12, 36, ...]."""
+    return [1] + [s for s in spine_positions(max_len)[1:]]
+
+
+class SpineSelfAttention(CausalSelfAttention):
+    """Causal spine attention: query t reads key t - d when d < window (a local window, t itself included) or when
+    d is a spine offset this head reads. Offsets are grouped by spine level (near: 1, 2, 4; mid: 12, 36; far: 104
+    and beyond) and each head group reads one level (with fewer heads than levels, a head reads several), so every
+    position, not only the spine rows, gets lattice context at a few fixed distances. The mask depends only on
+    relative distance, so a cached decode step uses the row of the full forward's mask: same KV layout, same logits.
+    """
+
+    def __init__(self, d_model, n_heads, max_len, window=4, bias=False, dropout=0.0):
+        super().__init__(d_model, n_heads, bias, dropout)
+        level_of = {r: 0 if r <= 4 else 1 if r <= 36 else 2 for r in spine_offsets(max_len)}
+        levels = sorted(set(level_of.values()))                                      # the levels below max_len
+        L = len(levels)
+        reads = (torch.arange(max_len) < window).repeat(n_heads, 1)                 # (nh, max_len) by distance
+        for r, level in level_of.items():
+            level = levels.index(level)
+            for h in range(n_heads):  # every level gets a head, every head a level
+                if (level * n_heads // L == h) if n_heads < L else (h * L // n_heads == level):
+                    reads[h, r] = True
+        self.register_buffer("reads", reads, persistent=False)                       # (nh, max_len)
+
+    def mask(self, start_pos, T, S, device):
+        """(nh, T, S) bool: query start_pos + i may read key j."""
+        distance = torch.arange(start_pos, start_pos + T, device=device)[:, None] - torch.arange(S, device=device)
+        return (distance >= 0) & self.reads[:, distance.clamp(0, self.reads.size(1) - 1)]
+
+    def forward(self, x, kv_cache=None, start_pos=0):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        if kv_cache is not None:
+            k, v = kv_cache.update(start_pos, k, v)                                   # (B, nh, start_pos + T, hd)
+        mask = self.mask(start_pos, T, k.size(2), x.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, D)
+        return self.resid_dropout(self.proj(y))
+
+
+class SpineBlock(Block):
+    """A pre-LN block whose attention is causal spine attention (SpineSelfAttention)."""
+
+    def __init__(self, d_model, n_heads, max_len, window=4, bias=False, dropout=0.0):
+        super().__init__(d_model, n_heads, bias, dropout)
+        self.attn = SpineSelfAttention(d_model, n_heads, max_len, window, bias, dropout)
 
 
 class SpineCache(Cache):
@@ -629,36 +801,45 @@ class SpineTrunk(nn.Module):
     """The HST v3/v4 stack over one causal axis (tokens, or chunks in chunk mode): adaptive bottom blocks with
     per-token early exit, the spine lattice core, top blocks.
 
-    forward(x, cache, start_pos, exit_threshold) -> (h, exit_loss, exit_depth). Training: every layer runs and
-    exit_loss is the exit heads' objective (exit_depth None). Eval: token t stops after bottom layer l < n_bottom
+    forward(x, cache, start_pos, exit_threshold, readout, labels) -> (h, exit_loss, exit_depth). Training: every
+    layer runs and exit_loss is the exit heads' objective against readout(h) and the labels, when given
+    (exit_head_loss; exit_depth None). Eval: token t stops after bottom layer l < n_bottom
     when its confidence exceeds exit_threshold (exit_loss None, exit_depth (B, T) = bottom layers run). A
-    threshold above 1 never exits and gives exactly the dense model. The lattice exists only when max_len
-    reaches a spine row with parents (12)."""
+    threshold above 1 never exits and gives exactly the dense model. The lattice is either `spine_blocks` blocks of
+    causal spine attention (SpineBlock, every position) or, without them, the spine-row LatticeCore, which exists
+    only when max_len reaches a spine row with parents (12)."""
 
-    def __init__(self, d_model, n_heads, n_bottom, n_top, max_len, bias=False, dropout=0.0):
+    def __init__(self, d_model, n_heads, n_bottom, n_top, max_len, bias=False, dropout=0.0, spine_blocks=0,
+                 spine_window=4):
         super().__init__()
         self.d_model, self.max_len = d_model, max_len
         self.bottom = nn.ModuleList(Block(d_model, n_heads, bias, dropout) for _ in range(n_bottom))
         self.exit_heads = nn.ModuleList(ExitHead(d_model, bias) for _ in range(n_bottom - 1))
-        self.lattice = LatticeCore(d_model, n_heads, max_len, bias) if max_len > 12 else None
+        # the lattice between bottom and top: spine_blocks > 0 blocks of causal spine attention (every position),
+        # else the spine-row LatticeCore
+        use_core = not spine_blocks and max_len > 12
+        self.lattice = LatticeCore(d_model, n_heads, max_len, bias) if use_core else None
+        self.spine = nn.ModuleList(SpineBlock(d_model, n_heads, max_len, spine_window, bias, dropout)
+                                   for _ in range(spine_blocks))
         self.top = nn.ModuleList(Block(d_model, n_heads, bias, dropout) for _ in range(n_top))
 
     def new_cache(self, batch_size, device, dtype):
-        blocks = list(self.bottom) + list(self.top)
+        blocks = list(self.bottom) + list(self.top) + list(self.spine)   # the spine blocks' caches come last
         layers = [b.attn.new_kv_cache(batch_size, self.max_len, device, dtype) for b in blocks]
         rows = None if self.lattice is None else torch.zeros(batch_size, len(self.lattice.spine), self.d_model,
                                                              device=device, dtype=dtype)
         return SpineCache(layers, rows)
 
-    def forward(self, x, cache=None, start_pos=0, exit_threshold=2.0):
+    def forward(self, x, cache=None, start_pos=0, exit_threshold=2.0, readout=None, labels=None):
         kv = [None] * (len(self.bottom) + len(self.top)) if cache is None else cache.layers
         h, loss, depth = x, None, None
         if self.training:
+            if len(self.exit_heads) and readout is None:
+                raise UsageError("SpineTrunk with exit heads needs readout= (final state -> logits) in training")
             states = []
             for i, block in enumerate(self.bottom):
                 h = block(h, kv[i], start_pos)
                 states.append(h)
-            loss = exit_head_loss(self.exit_heads, states, h) if len(self.exit_heads) else None
         else:
             B, T, _ = x.shape
             exited = torch.zeros(B, T, dtype=torch.bool, device=x.device)
@@ -676,9 +857,80 @@ class SpineTrunk(nn.Module):
                     exited = exited | leave
         if self.lattice is not None:
             h = self.lattice(h, start_pos, None if cache is None else cache.lattice_rows)
+        for i, block in enumerate(self.spine, start=len(self.bottom) + len(self.top)):
+            h = block(h, None if cache is None else cache.layers[i], start_pos)
         for i, block in enumerate(self.top, start=len(self.bottom)):
             h = block(h, kv[i], start_pos)
+        if self.training and len(self.exit_heads):  # the target is the prediction read from the trunk's output
+            loss = exit_head_loss(self.exit_heads, states, h, readout, labels)
         return h, loss, depth
+
+
+def exit_trunks(model):
+    """The model's SpineTrunks that have exit heads (one per model; in chunk mode the global model's)."""
+    return [m for m in model.modules() if isinstance(m, SpineTrunk) and len(m.exit_heads)]
+
+
+@torch.no_grad()
+def exit_profile(model, windows, threshold, per_row=False):
+    """Early exit at `threshold`, measured over held-out (x, y) windows in eval mode: (loss, depth_share,
+    confidences). loss: mean next-token CE (nats/token), or with per_row=True (n_rows,) the mean CE of each row of
+    every window batch; depth_share (n_bottom,): the share of trunk positions (tokens; chunk slots in chunk mode) that
+    run 1..n_bottom bottom layers; confidences: every exit head's output on the positions it saw, flattened. The
+    model's own threshold and train/eval mode are restored afterwards."""
+    trunks = exit_trunks(model)
+    if len(trunks) != 1:
+        raise UsageError(f"{type(model).__module__} has no exit heads: early exit needs n_bottom_layers >= 2")
+    trunk, was_training = trunks[0], model.training
+    model.eval()
+    seen, depths = [], []
+    hooks = [head.register_forward_hook(lambda m, i, out: seen.append(torch.sigmoid(out.float()).flatten()))
+             for head in trunk.exit_heads]
+    hooks.append(trunk.register_forward_hook(lambda m, i, out: depths.append(out[2].flatten())))
+    saved, model.config.exit_threshold = model.config.exit_threshold, threshold
+    sums, counts = [], []
+    try:
+        for x, y in windows:
+            ce = F.cross_entropy(model(x).logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none")
+            sums.append(ce.sum(1))                                           # (B,): positions with a target
+            counts.append((y >= 0).sum(1))
+    finally:
+        model.config.exit_threshold = saved
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    depth = torch.cat(depths)
+    share = torch.bincount(depth - 1, minlength=len(trunk.bottom)).float() / depth.numel()
+    sums, counts = torch.cat(sums), torch.cat(counts)
+    loss = sums / counts.clamp_min(1) if per_row else (sums.sum() / counts.sum().clamp_min(1)).item()
+    return loss, share, torch.cat(seen)
+
+
+def calibrate_exit(model, windows, tolerance=EXIT_TOLERANCE, n_candidates=16):
+    """Set model.config.exit_threshold to the lowest threshold (the most exits) whose held-out next-token loss over
+    (x, y) `windows` exceeds the dense model's by at most `tolerance` nats/token, with two standard errors of the
+    paired per-window difference added to the measured cost (per window, not per token: an exit also changes the
+    later tokens of its window, so tokens are not independent; and a choice among many candidates is then not an
+    optimistic one), there and at every higher candidate (so a lucky dip in the loss curve is never picked). Candidates are
+    quantiles of the exit heads' confidences on the windows (evenly spaced, plus the top 3%, 1.5% and 0.8%, so that a model whose exits are
+    costly can still let its surest positions go); scanning stops at the first candidate over the tolerance. A model
+    whose exits cost more than the tolerance everywhere gets 2.0 (never exits). The threshold is a config field, so
+    checkpoints keep it. Returns {threshold, dense_loss, loss, depth_share (list), tolerance}."""
+    if tolerance < 0:
+        raise UsageError(f"tolerance={tolerance} must be >= 0 (nats/token of held-out loss)")
+    dense, share, conf = exit_profile(model, windows, 2.0, per_row=True)
+    dense_loss = dense.mean().item()
+    best = dict(threshold=2.0, loss=dense_loss, depth_share=share.tolist())
+    levels = torch.cat([torch.linspace(0, 1, n_candidates + 2)[1:-1], 1 - 0.5 ** torch.arange(5.0, 8.0)])
+    candidates = torch.quantile(conf.double(), levels.double()).unique().flip(0).tolist()  # high to low
+    for t in candidates:
+        losses, share, _ = exit_profile(model, windows, t, per_row=True)
+        diff = losses - dense                                                # paired: same windows, same targets
+        if diff.mean() + 2 * diff.std(correction=0) / diff.numel() ** 0.5 > tolerance:
+            break
+        best = dict(threshold=t, loss=losses.mean().item(), depth_share=share.tolist())
+    model.config.exit_threshold = best["threshold"]
+    return dict(best, dense_loss=dense_loss, tolerance=tolerance)
 
 
 # -----------------------------------------------------------------------------
@@ -707,11 +959,74 @@ def horizon_targets(targets, offset):
     return F.pad(shifted, (0, targets.size(1) - shifted.size(1)), value=-1)
 
 
-def _offset_ce(z, unembed, target, weight=None):
-    """CE of rows z (N, D) against target (N,) through the tied unembedding, summed (weighted by weight (N,) when
-    given); -1 targets add nothing."""
-    ce = F.cross_entropy(F.linear(z, unembed).float(), target, ignore_index=-1, reduction="none")
-    return (ce if weight is None else ce * weight).sum()
+class _LinearLogSumExp(torch.autograd.Function):
+    """See linear_lse_loss. The gradients are computed in the forward, one row chunk at a time, and only scaled by
+    the upstream gradient in the backward (as Liger's fused linear cross-entropy): the loss is linear in lse and
+    pick with weights known in advance, so d loss / d logits = a softmax - b onehot is known chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, z, weight, index, a, b, chunk, grad_enabled):
+        b = a if b is None else b
+        want_z, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        total = torch.zeros((), device=z.device, dtype=torch.float32)
+        lse, pick, argmax = [], [], []
+        grad_z = torch.empty_like(z) if want_z else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_w else None
+        for lo in range(0, z.size(0), chunk):
+            zc, ic = z[lo:lo + chunk], index[lo:lo + chunk, None]
+            logits = F.linear(zc, weight).float()                                    # (chunk, V): the only one
+            lse_c = torch.logsumexp(logits, -1)
+            pick_c = logits.gather(1, ic)[:, 0]
+            argmax.append(logits.argmax(-1))
+            total = total + (a[lo:lo + chunk] * lse_c - b[lo:lo + chunk] * pick_c).sum()
+            lse.append(lse_c)
+            pick.append(pick_c)
+            if want_z or want_w:
+                g = logits.sub_(lse_c[:, None]).exp_().mul_(a[lo:lo + chunk, None])  # a softmax - b onehot
+                g.scatter_add_(1, ic, -b[lo:lo + chunk, None])
+                if want_z:
+                    grad_z[lo:lo + chunk] = (g.to(weight.dtype) @ weight).to(z.dtype)
+                if want_w:
+                    grad_w.addmm_(g.t(), zc.float())
+        ctx.save_for_backward(grad_z, grad_w)
+        ctx.weight_dtype = weight.dtype
+        lse, pick, argmax = torch.cat(lse), torch.cat(pick), torch.cat(argmax)
+        ctx.mark_non_differentiable(lse, pick, argmax)
+        return total, lse, pick, argmax
+
+    @staticmethod
+    def backward(ctx, g_total, *_):
+        grad_z, grad_w = ctx.saved_tensors
+        return (None if grad_z is None else grad_z * g_total.to(grad_z.dtype),
+                None if grad_w is None else (grad_w * g_total).to(ctx.weight_dtype), None, None, None, None, None)
+
+
+def linear_lse_loss(z, weight, index, a, b=None, chunk=None):
+    """sum_r a_r logsumexp(z_r W^T) - b_r (z_r W^T)[index_r], in fp32, for rows z (N, D), weight W (V, D), per-row
+    coefficients a, b (N,) (no gradient; b None: b = a, the a-weighted sum of cross-entropies). The (N, V)
+    logits are never materialised: rows go through in chunks of about 8M logits, each chunk's gradient is taken
+    at once, and nothing of size V is kept for the backward (3 matmuls, no recomputation, one pass over the
+    logits held in cache). -> (total, lse (N,), pick (N,), argmax (N,)); only total carries a gradient."""
+    chunk = chunk or max(16, (1 << 23) // weight.size(0))
+    # grad mode is off inside a Function's forward, so whether a backward can come is read here
+    return _LinearLogSumExp.apply(z, weight, index, a.float(), None if b is None else b.float(), chunk,
+                                  torch.is_grad_enabled())
+
+
+def offset_rows(n_rows, n_offsets, device, share=None):
+    """(n_offsets, n) row indices at which each horizon offset is scored: every row (share None: n = n_rows), or
+    n = ceil(share * n_rows / n_offsets) rows drawn uniformly without replacement, fresh per offset and per call,
+    so all offsets together read about `share` heads' worth of rows whatever their number. A row is drawn with
+    probability n / n_rows, so (n_rows / n) * (sum over drawn rows) is an unbiased estimate of the full sum."""
+    if share is None:
+        return torch.arange(n_rows, device=device).expand(n_offsets, n_rows)
+    n = min(n_rows, max(1, math.ceil(share * n_rows / n_offsets)))
+    return torch.rand(n_offsets, n_rows, device=device).argsort(-1)[:, :n]
+
+
+def offset_targets(targets, n_offsets, first=2):
+    """targets (B, T) -> (B T, n_offsets): column j is horizon_targets(targets, first + j), flattened."""
+    return torch.stack([horizon_targets(targets, first + j) for j in range(n_offsets)], -1).flatten(0, 1)
 
 
 def sample_rows(n_rows, n, device):
@@ -721,38 +1036,26 @@ def sample_rows(n_rows, n, device):
 
 def horizon_loss(horizon_hidden, unembed, targets, gamma=0.95, sample=False):
     """sum_k gamma^(k-1) CE_k / sum_k gamma^(k-1) over offsets k = 2..H, CE_k the mean over positions with a
-    target. horizon_hidden (B, T, H-1, D), unembed (V, D), targets (B, T). Logits are recomputed in the backward
-    pass (checkpoint), so no [B, T, H, V] tensor is ever alive.
+    target. horizon_hidden (B, T, H-1, D), unembed (V, D), targets (B, T). Through linear_lse_loss, so no
+    [B, T, V] logits tensor is ever alive, let alone [B, T, H, V].
 
-    sample=True (training) reads each offset out at n = ceil(B T / (H-1)) positions drawn uniformly without
-    replacement, fresh per offset and per step, and all offsets' rows go through the unembedding in one matmul:
-    about the cost of one extra head whatever H is (many small matmuls would each re-read the V x D matrix).
-    The estimate (B T / n) * sum_{sampled} ce / #targets is unbiased: each position is drawn with probability
-    n / (B T), so the expected sum over the sample is n / (B T) times the sum over all positions, and #targets
-    (the positions that have a target) is counted on the full window, without touching V."""
+    sample=True (training) scores each offset at n = ceil(B T / (H-1)) positions drawn uniformly without
+    replacement, fresh per offset and per step (offset_rows), all offsets' rows in one pass over the unembedding:
+    about the cost of one extra head whatever H is. The estimate (B T / n) * sum_{sampled} ce / #targets is
+    unbiased: each position is drawn with probability n / (B T), so the expected sum over the sample is n / (B T)
+    times the sum over all positions, and #targets (the positions that have a target) is counted on the full
+    window, without touching V."""
     B, T, n_off, D = horizon_hidden.shape
     N = B * T
-    weights = [gamma ** (j + 1) for j in range(n_off)]                     # gamma^(k-1), offsets k = j + 2
-    if not sample:  # one offset at a time: a single (B, T, V) logits tensor alive
-        total = 0.0
-        for j in range(n_off):
-            target = horizon_targets(targets, j + 2).reshape(N)
-            ce = torch.utils.checkpoint.checkpoint(_offset_ce, horizon_hidden[:, :, j].reshape(N, D), unembed,
-                                                   target, use_reentrant=False)
-            total = total + weights[j] * ce / (target >= 0).sum().clamp_min(1)  # 0 (not nan) with no target
-        return total / sum(weights)
-    n = -(-N // n_off)
-    zs, picked, row_weight = [], [], []
-    for j in range(n_off):
-        target = horizon_targets(targets, j + 2).reshape(N)
-        rows = sample_rows(N, n, horizon_hidden.device)
-        rows = torch.arange(N, device=target.device) if rows is None else rows
-        zs.append(horizon_hidden[:, :, j].reshape(N, D)[rows])
-        picked.append(target[rows])
-        row_weight.append((weights[j] * N / n / (target >= 0).sum().clamp_min(1)).expand(rows.numel()))
-    total = torch.utils.checkpoint.checkpoint(_offset_ce, torch.cat(zs), unembed, torch.cat(picked),
-                                              torch.cat(row_weight), use_reentrant=False)
-    return total / sum(weights)
+    rows = offset_rows(N, n_off, horizon_hidden.device, 1.0 if sample else None)     # (n_off, n)
+    k = torch.arange(n_off, device=rows.device)[:, None]
+    target_all = offset_targets(targets, n_off)                                        # (N, n_off)
+    target = target_all[rows, k]                                                       # (n_off, n)
+    z = horizon_hidden.reshape(N, n_off, D)[rows, k]                                   # (n_off, n, D)
+    w = gamma ** torch.arange(1, n_off + 1, device=rows.device, dtype=torch.float32)  # gamma^(k-1), k = j + 2
+    per_target = w / w.sum() * (N / rows.size(1)) / (target_all >= 0).sum(0).clamp_min(1)  # 0, not nan, if none
+    coef = (per_target[:, None] * (target >= 0)).reshape(-1)
+    return linear_lse_loss(z.reshape(-1, D), unembed, target.clamp_min(0).reshape(-1), coef)[0]
 
 
 def horizon_objective(logits, targets, horizon_hidden=None, unembed=None, exit_loss=None, horizon_weight=0.5,
@@ -769,16 +1072,6 @@ def horizon_objective(logits, targets, horizon_hidden=None, unembed=None, exit_l
         aux["exit"] = exit_loss
         loss = loss + EXIT_LOSS_WEIGHT * exit_loss
     return loss, aux
-
-
-@torch.no_grad()
-def horizon_draft(seq, k, prev_out, prev_index, unembed):
-    """model.draft for models with horizon heads: greedy drafts from the heads at the last cached position.
-    The pending token is at N-1 and prev_index is position N-2, so offset j+1 there drafts position N-1+j.
-    Without a previous output (a one-token prompt) it falls back to prompt lookup."""
-    if prev_out is None or prev_out.horizon_hidden is None:
-        return prompt_lookup_draft(seq, k)
-    return F.linear(prev_out.horizon_hidden[0, prev_index, :k], unembed).argmax(-1), None
 
 
 # -----------------------------------------------------------------------------
@@ -932,13 +1225,13 @@ class ChunkHierarchy(nn.Module):
             raise UsageError("this model's chunk mode takes no context injection (v6 and v7_1_2 do)")
         return x
 
-    def _local_full(self, stream, g):
+    def _local_full(self, stream, g, injections=None):
         return self.local(stream, g.repeat_interleave(self.chunk_size, 1))
 
     def _store_context(self, cache, lo, hi, g):
         cache.context[:, lo:hi] = g
 
-    def _local_cached(self, stream, cache, first, end):
+    def _local_cached(self, stream, cache, first, end, injections=None):
         slot = torch.arange(first, end, device=stream.device)
         return self.local(stream, cache.context[:, slot // self.chunk_size], cache.layers, first)
 
@@ -954,7 +1247,7 @@ class ChunkHierarchy(nn.Module):
             g, rest = self._global(embed, idx[:, :(n_groups - 1) * C].view(B, n_groups - 1, C), 0, None,
                                    global_kwargs, injections)                    # (B, n_groups, D)
             stream = F.pad(torch.cat([bos, tokens], 1), (0, 0, 0, n_groups * C - T - 1))  # (B, n_groups * C, D)
-            return self._local_full(stream, g)[:, 1:T + 1], rest
+            return self._local_full(stream, g, injections)[:, 1:T + 1], rest
         cache.tokens[:, start_pos:start_pos + T] = idx
         last_group = (start_pos + T) // C
         done = cache.global_cache.length                                         # global slots already computed
@@ -965,7 +1258,7 @@ class ChunkHierarchy(nn.Module):
             self._store_context(cache, done, last_group + 1, g)
         first = 0 if start_pos == 0 else start_pos + 1                          # stream slot of this call's first input
         stream = torch.cat([bos, tokens], 1) if start_pos == 0 else tokens
-        h = self._local_cached(stream, cache, first, start_pos + T + 1)
+        h = self._local_cached(stream, cache, first, start_pos + T + 1, injections)
         cache.n_tokens = start_pos + T
         return h[:, -T:], rest
 
@@ -980,6 +1273,8 @@ def lm_selftest(name, build, modes=("token",), T=29, prompt_len=11, steps=80, ov
         model = build(mode=mode, vocab_size=V, d_model=64, n_layers=4, n_heads=4, max_seq_len=64)
         if hasattr(model.config, "horizon_sampling"):  # overfit one batch with the full (not sampled) objective
             model.config.horizon_sampling = False
+        if hasattr(model.config, "horizon_sample"):    # (v8.2, ChaosLogic: every row of every offset)
+            model.config.horizon_sample = float(max(1, model.config.horizon - 1))
         print(f"{name} {mode} self-test: {model.num_params():,} parameters at d_model=64, n_layers=4")
         idx = torch.randint(0, V, (2, T + 1))
         x, y = idx[:, :-1], idx[:, 1:]

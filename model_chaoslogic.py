@@ -26,13 +26,22 @@ cached and trainable. What it combines, top to bottom:
   4 sink tokens, so no two of the four masks are equal at any max_seq_len >= 16 and the choice always matters (with
   fixed sizes of 128 and 64 the four were one mask up to 128 tokens, and P2 was dense up to 256).
 - Task analyzer, depth predictor, adaptive bottom: m_t = (1/(t+1)) sum_{s<=t} W_e LN(x_s) (a prefix mean by
-  cumsum, fp32), tau_t = softmax(W_c m_t) over 4 tasks, depth D_t = lo + (hi - lo) sigmoid(MLP(tau_t)) in
+  cumsum, fp32), tau_t = softmax(W_c [m_t ; e_t]) over 4 tasks with e_t = W_e LN(x_t) the token's own summand
+  (the prefix mean alone moves by O(1/t) per token: every token of a window got one task), depth
+  D_t = lo + (hi - lo) sigmoid(MLP(tau_t)) in
   [lo, hi]. Bottom layer l applies x <- x + g_{t,l} f_l(x) with g = 1[D_t >= l - 1/2], straight-through gradient
   of sigmoid((D_t - l + 1/2) / 0.5); compute penalty 0.01 * mean_t (D_t - lo) / (hi - lo). A skipped token's
   latent is still computed and cached. In eval, a layer that every token of every row skips is really skipped
   (its latent is still written); that is exactly x + 0 * f(x), the hard-gated forward.
 - Causal lattice: n_lattice_layers pre-norm latent-KV layers (FF width 8d/3, the original's 2048 at d = 768)
-  with soft gates G_{t,l} = sigmoid(MLP(m_t)).
+  with soft gates G_{t,l} = sigmoid(MLP([m_t ; e_t])), starting open at sigmoid(2).
+- Routers that stay adaptive: the task analyzer, depth MLP, lattice gates and pattern selector start with logits
+  that vary with unit scale across tokens (core.init_router); the objective adds 0.01 * routing_information
+  (minus the information between a token's content and its choice: task, each layer's pattern, each lattice gate,
+  shallow vs deep) and 1e-3 * router z-loss (ST-MoE); the Gumbel temperature anneals from 1 to gumbel_tau_min over
+  gumbel_anneal_steps training passes (Jang et al. 2017). Without them, after 200 steps on real text tau was
+  one-hot on one task for every token, each layer picked one pattern for all tokens, every token had the same
+  depth and the lattice gates were shut (~4e-5) or wide open.
 - Recursive multi-scale horizon, in hidden space, at every position (Medusa-style heads, Cai et al. 2024). With
   h~ = LN(h_t): coarse c_o = MLP_c(h~ + E_o) (o = 4, 8); medium m_2 = MLP_m([h~; (h~ + c_4)/2]),
   m_6 = MLP_m([h~; (c_4 + c_8)/2]); fine f_3, f_5, f_7 = MLP_f([h~; midpoint]) of (m_2, c_4), (c_4, m_6),
@@ -43,13 +52,16 @@ cached and trainable. What it combines, top to bottom:
   (Output.horizon_hidden, (B, T, H-1, D)). Confidence kappa_{t,k} = sigmoid(MLP(LN h_t))_k for k = 1..H, trained
   by BCE against what greedy verification checks: for k >= 2 whether offset k's argmax at t equals the main
   head's argmax at t + k - 1 (for k = 1 whether the main argmax is the next token), so kappa_k is the
-  probability that offset k's draft is accepted. Each round drafts the k that maximises the expected tokens per
-  verification cost, (1 + sum_{j<=k} prod_{i<=j} kappa_i) / (1 + draft_cost k) (best_draft_length); when no draft
-  pays, prompt lookup proposes. Drafts are verified losslessly (Leviathan et al. 2023; Chen et al. 2023).
+  probability that offset k's draft is accepted. Speculative decoding (generate.plan_drafts) drafts the k that
+  maximises the expected tokens per verification cost, (1 + sum_{j<=k} prod_{i<=j} kappa_i) / (1 + draft_cost k)
+  (best_draft_length), with kappa corrected by the acceptance the drafts realise in the same generation, from the
+  heads or prompt lookup, or nothing. Drafts are verified losslessly (Leviathan et al. 2023; Chen et al. 2023).
 - Objective, on the ln V scale: (CE_next + lambda_h sum_k w_k CE_k) / (1 + lambda_h), w_k = gamma^k / sum
-  gamma^k over k = 2..H, + 0.1 BCE_kappa + 0.01 L_depth + 1e-3 L_pattern, with L_pattern = -mean_l entropy of the
-  batch-mean pattern probabilities softmax(pi) (the entropy bonus against collapse). Never holds [B, T, H, V]:
-  one offset at a time under activation checkpointing, as core.horizon_loss.
+  gamma^k over k = 2..H, + 0.1 BCE_kappa + 0.01 L_depth + 0.01 L_routing + 1e-3 L_z (the routing terms above).
+  Never holds [B, T, H, V]: in
+  training each offset k >= 2 is scored at fresh random positions, about `horizon_sample` heads' worth of rows for
+  all offsets together in one chunked pass over the unembedding, core.linear_lse_loss (an unbiased estimate of
+  every CE_k, about one extra head's cost whatever H is); in eval, every position.
 
 Depth mapping (bench.py compares models at equal n_layers): bottom = max(1, n_layers // 2) layers, of which the
 first max(1, bottom // 2) are always on and the rest adaptive; top = n_layers - bottom; plus n_lattice_layers (2)
@@ -66,7 +78,7 @@ and used (the originals were never called); the horizon head forecasts from ever
 through the tied head (no logits projected back to d, no uniform offset 7); confidence is calibrated by a real
 objective (the original's was the constant 1); positions are never clamped.
 Not built: document-id masking (this repo trains every model on plain windows), a lossy long-context mode that
-pools old latents, Gumbel temperature annealing (gumbel_tau is a Model attribute a training loop may anneal).
+pools old latents.
 
 Longer notes: docs/v8_chaoslogic.md
 """
@@ -78,7 +90,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 import core
 
@@ -209,14 +220,14 @@ class ChaosBlock(nn.Module):
 
 
 class TaskAnalyzer(nn.Module):
-    """m_t = prefix mean of W_e LN(x_s) over s <= t (fp32 cumsum; decoding continues the cached running sum),
-    tau_t = softmax(W_c m_t), depth fraction phi_t = sigmoid(MLP_{4->8->1}(tau_t))."""
+    """m_t = prefix mean of e_s = W_e LN(x_s) over s <= t (fp32 cumsum; decoding continues the cached running sum),
+    tau_t = softmax(W_c [m_t ; e_t]), depth fraction phi_t = sigmoid(MLP_{4->8->1}(tau_t))."""
 
     def __init__(self, d_model, bias=False):
         super().__init__()
         self.ln = core.LayerNorm(d_model, bias)
         self.embed = nn.Linear(d_model, d_model, bias=True)
-        self.classify = nn.Linear(d_model, N_TASKS, bias=True)
+        self.classify = nn.Linear(2 * d_model, N_TASKS, bias=True)
         self.depth_fc = nn.Linear(N_TASKS, 8, bias=True)
         self.depth_out = nn.Linear(8, 1, bias=True)
 
@@ -224,16 +235,21 @@ class TaskAnalyzer(nn.Module):
         return self.embed(self.ln(x)).float()
 
     def forward(self, x, start_pos=0, prefix_sum=None):
-        """prefix_sum (B, D): the sum of the summands of positions < start_pos (decoding), or None (from 0)."""
+        """prefix_sum (B, D): the sum of the summands of positions < start_pos (decoding), or None (from 0). Returns
+        (router input r_t = [m_t ; e_t] (B, T, 2D) fp32, task logits (B, T, 4) fp32, depth fraction phi_t (B, T))."""
         T = x.size(1)
-        s = self.summand(x).cumsum(1)                                                     # (B, T, D) fp32
+        e = self.summand(x)                                                               # (B, T, D) fp32
+        s = e.cumsum(1)
         if prefix_sum is not None:
             s = s + prefix_sum[:, None]
         count = torch.arange(start_pos + 1, start_pos + T + 1, device=x.device, dtype=torch.float32)
-        m = s / count[:, None]
-        tau = F.linear(m, self.classify.weight.float(), self.classify.bias.float()).softmax(-1)
+        # the prefix mean m_t moves by O(1/t) per token, so routers that read it alone gave every token of a window
+        # one task, one depth and one pattern; the token's own summand e_t lets them tell tokens apart
+        r = torch.cat([s / count[:, None], e], -1)                                        # (B, T, 2D)
+        task_logits = F.linear(r, self.classify.weight.float(), self.classify.bias.float())
+        tau = task_logits.softmax(-1)
         z = self.depth_out(F.gelu(self.depth_fc(tau.to(x.dtype)))).float().squeeze(-1)
-        return m, tau, torch.sigmoid(z)
+        return r, task_logits, torch.sigmoid(z)
 
 
 class CoarseToFineHorizon(nn.Module):
@@ -272,15 +288,6 @@ class CoarseToFineHorizon(nn.Module):
         return self.out_ln(torch.stack(states[:self.horizon - 1], 2)), kappa_logits
 
 
-def _offset_ce_and_hits(z, unembed, target, agree):
-    """Mean CE of one offset's states (B, T, D) against target (B, T), plus 1[argmax == agree] (B, T) for the
-    confidence head; no gradient through the hits."""
-    logits = F.linear(z, unembed).float()
-    ce = F.cross_entropy(logits.flatten(0, 1), target.reshape(-1), ignore_index=-1, reduction="sum")
-    hits = (logits.argmax(-1) == agree).float()
-    return ce / (target >= 0).sum().clamp_min(1), hits
-
-
 @dataclass
 class Output(core.Output):
     confidence: Optional[torch.Tensor] = None      # (B, T, H) kappa of offsets 1..H
@@ -300,9 +307,13 @@ class Config(core.Config):
     horizon: int = 8                 # offsets 1..H (1 = the main head); at most 8
     horizon_weight: float = 0.5      # lambda_h
     horizon_gamma: float = 0.95      # w_k proportional to gamma^k
+    horizon_sample: float = 1.0      # training rows of offsets >= 2, all together, in heads' worth (see objective)
     confidence_weight: float = 0.1
     depth_weight: float = 0.01
-    pattern_entropy_weight: float = 1e-3
+    routing_weight: float = 0.01     # weight of -I(token; choice) of every router, core.routing_information
+    router_z_weight: float = 1e-3    # weight of the routers' z-loss, core.router_z_loss (ST-MoE's)
+    gumbel_tau_min: float = 0.5      # the pattern selector's Gumbel temperature anneals from 1 to this ...
+    gumbel_anneal_steps: int = 1000  # ... over this many training forward passes
     draft_cost: float = 0.05         # verifying k drafts costs ~ 1 + draft_cost * k one-token steps (CPU, d 128)
 
     def __post_init__(self):
@@ -315,6 +326,9 @@ class Config(core.Config):
             raise core.UsageError("kv_latent, window, sparse_block, n_sink and n_lattice_layers must be >= 0")
         if self.draft_cost < 0:
             raise core.UsageError(f"draft_cost={self.draft_cost} must be >= 0")
+        if not 0.0 < self.horizon_sample <= max(1, self.horizon - 1):
+            raise core.UsageError(f"horizon_sample={self.horizon_sample} must lie in (0, horizon - 1]: the heads' "
+                                  f"worth of rows shared by offsets 2..horizon (horizon - 1 reads every row)")
 
     @property
     def latent_dim(self):
@@ -339,7 +353,8 @@ class Model(core.LM):
         self.n_always = max(1, self.n_bottom // 2)          # bottom layers every token runs
         n_top = c.n_layers - self.n_bottom
         d_c = c.latent_dim
-        self.gumbel_tau = 1.0
+        # training forward passes so far: the Gumbel temperature anneals with them (select_patterns)
+        self.register_buffer("gumbel_steps", torch.zeros(()))
         self.skipped_layer_calls = 0                        # eval calls that really skipped a bottom layer
         self.wte = nn.Embedding(c.vocab_size, c.d_model)
         self.pe = core.PellLucasPE(c.d_model)
@@ -350,7 +365,7 @@ class Model(core.LM):
         self.top = nn.ModuleList(block(4 * c.d_model) for _ in range(n_top))
         self.n_attn = self.n_bottom + c.n_lattice_layers + n_top
         self.task = TaskAnalyzer(c.d_model, c.bias)
-        self.lattice_gate = nn.Sequential(nn.Linear(c.d_model, c.lattice_gate_hidden), nn.GELU(),
+        self.lattice_gate = nn.Sequential(nn.Linear(2 * c.d_model, c.lattice_gate_hidden), nn.GELU(),
                                           nn.Linear(c.lattice_gate_hidden, c.n_lattice_layers)) \
             if c.n_lattice_layers else None
         self.selector_weight = nn.Parameter(torch.zeros(self.n_attn, N_PATTERNS, N_TASKS))  # W_l
@@ -360,10 +375,20 @@ class Model(core.LM):
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         self.apply(core.init_weights)
-        nn.init.normal_(self.selector_weight, std=0.02)
+        # routers start with per-token spread (core.init_router): the task analyzer's summand and classifier, the
+        # depth MLP, the lattice gates; pattern logits move by O(1) across the simplex of task mixtures
+        core.init_router(self.task.embed, self.task.classify)
+        core.init_router(self.task.depth_fc, self.task.depth_out)
+        nn.init.normal_(self.selector_weight, std=1.0)
+        if self.lattice_gate is not None:
+            core.init_router(self.lattice_gate[0], self.lattice_gate[2])
+            # lattice gates start at sigmoid(2) = 0.88: open enough that the lattice layers learn from the first step
+            # (from 0.5 they lost the race against their own init noise and shut for good, ~4e-5), short of
+            # saturation so the gate still has a gradient
+            nn.init.constant_(self.lattice_gate[-1].bias, 2.0)
         core.scale_residual_projections(self, self.n_attn)
-        # start deep (every adaptive layer on), with the depth fraction a quarter step above the last threshold so
-        # that rounding differences between the full forward and decoding cannot flip an untrained gate
+        # start deep: the depth fraction's centre a quarter step above the last threshold, so most tokens run every
+        # adaptive layer (the depth MLP's unit-scale init spreads tokens around that centre)
         n_adapt = max(1, self.n_bottom - self.n_always)
         frac = 1 - 1 / (4 * n_adapt)
         nn.init.constant_(self.task.depth_out.bias, math.log(frac / (1 - frac)))
@@ -406,6 +431,14 @@ class Model(core.LM):
         c = self.config
         return pattern_masks(q_pos, k_pos, c.attn_window, c.attn_block, c.n_sink)
 
+    def gumbel_temperature(self):
+        """tau_min ** (steps / anneal_steps), floored at tau_min: 1 at the first training step, tau_min after
+        gumbel_anneal_steps (an exponential schedule, as Jang et al. 2017). The hard sample's law is softmax(pi) at
+        any temperature; a lower one makes the straight-through gradient that of the chosen pattern rather than of
+        a blend, once the selector has explored at 1."""
+        c = self.config
+        return (c.gumbel_tau_min ** (self.gumbel_steps / c.gumbel_anneal_steps)).clamp_min(c.gumbel_tau_min)
+
     def select_patterns(self, tau):
         """tau (B, T, 4) -> (one-hot choices (B, T, n_attn, 4), pattern logits pi (B, T, n_attn, 4), fp32)."""
         pi = torch.einsum("btj,lpj->btlp", tau, self.selector_weight.float()) + self.selector_bias.float()
@@ -413,7 +446,9 @@ class Model(core.LM):
             # Gumbel-softmax with a straight-through one-hot (Jang et al. 2017), noise in fp32; hard + (soft -
             # soft.detach()) keeps the forward value exactly one-hot
             gumbel = -torch.empty_like(pi).exponential_().log()
-            soft = ((pi + gumbel) / self.gumbel_tau).softmax(-1)
+            soft = ((pi + gumbel) / self.gumbel_temperature()).softmax(-1)
+            with torch.no_grad():
+                self.gumbel_steps += 1
             hard = F.one_hot(soft.argmax(-1), N_PATTERNS).to(soft.dtype)
             return hard + (soft - soft.detach()), pi
         return F.one_hot(pi.argmax(-1), N_PATTERNS).to(pi.dtype), pi
@@ -430,7 +465,8 @@ class Model(core.LM):
             cache.tokens[:, start_pos:start_pos + T] = idx
             self.advance_prefix_sum(cache, start_pos)
 
-        m, tau, depth_frac = self.task(x, start_pos, None if cache is None else cache.prefix_sum)
+        r, task_logits, depth_frac = self.task(x, start_pos, None if cache is None else cache.prefix_sum)
+        tau = task_logits.softmax(-1)                                                     # (B, T, 4) fp32
         lo, hi = self.depth_range()
         depth = lo + (hi - lo) * depth_frac                                               # (B, T) fp32
         sel, pi = self.select_patterns(tau)                                               # (B, T, n_attn, 4)
@@ -455,7 +491,8 @@ class Model(core.LM):
                 continue
             x = x + gate[..., None].to(x.dtype) * block(x, layer_sel[:, :, i], masks, kv[i], start_pos)
 
-        lattice_gates = None if self.lattice_gate is None else torch.sigmoid(self.lattice_gate(m.to(x.dtype)))
+        lattice_logits = None if self.lattice_gate is None else self.lattice_gate(r.to(x.dtype))  # (B, T, n_lat)
+        lattice_gates = None if lattice_logits is None else torch.sigmoid(lattice_logits)
         for j, block in enumerate(self.lattice):
             i = self.n_bottom + j
             x = x + lattice_gates[..., j:j + 1] * block(x, layer_sel[:, :, i], masks, kv[i], start_pos)
@@ -468,40 +505,71 @@ class Model(core.LM):
         horizon_hidden, kappa_logits = self.horizon(x)
         loss = aux = None
         if targets is not None:
-            loss, aux = self.objective(logits, targets, horizon_hidden, kappa_logits, depth_frac, pi)
+            routers = dict(task=task_logits, patterns=pi, lattice=lattice_logits, depth=depth_frac)
+            loss, aux = self.objective(logits, targets, horizon_hidden, kappa_logits, depth_frac, routers)
         return Output(logits=logits, loss=loss, hidden=h, aux=aux, horizon_hidden=horizon_hidden,
                       exit_depth=runs, confidence=torch.sigmoid(kappa_logits), patterns=sel, depth=depth,
                       lattice_gates=lattice_gates)
 
-    def objective(self, logits, targets, horizon_hidden, kappa_logits, depth_frac, pi):
+    def objective(self, logits, targets, horizon_hidden, kappa_logits, depth_frac, routers):
         c = self.config
         aux = {"lm": core.lm_loss(logits, targets)}
         main_pred = logits.detach().argmax(-1)                                            # what greedy picks
-        hits = [(main_pred == targets).float()]
+        valid1 = targets >= 0
+        bce = lambda z, hit: F.binary_cross_entropy_with_logits(z.float(), hit, reduction="none")  # noqa: E731
+        conf_sum = bce(kappa_logits[..., 0], (main_pred == targets).float()).mul(valid1).sum()
+        conf_count = valid1.sum()
         loss = aux["lm"]
         if horizon_hidden is not None:
-            total, norm = 0.0, 0.0
-            for j in range(horizon_hidden.size(2)):
-                offset = j + 2
-                weight = c.horizon_gamma ** offset
-                ce, hit = torch.utils.checkpoint.checkpoint(
-                    _offset_ce_and_hits, horizon_hidden[:, :, j], self.wte.weight,
-                    core.horizon_targets(targets, offset), core.horizon_targets(main_pred, offset),
-                    use_reentrant=False)
-                aux[f"ce_{offset}"] = ce
-                hits.append(hit)
-                total, norm = total + weight * ce, norm + weight
-            aux["horizon"] = total / norm
-            loss = (loss + c.horizon_weight * aux["horizon"]) / (1 + c.horizon_weight)
-        valid = torch.stack([core.horizon_targets(targets, k + 1) >= 0 for k in range(len(hits))], -1)
-        bce = F.binary_cross_entropy_with_logits(kappa_logits.float(), torch.stack(hits, -1).detach(),
-                                                 reduction="none")
-        aux["confidence"] = (bce * valid).sum() / valid.sum().clamp_min(1)
+            # offsets 2..H are scored at rows (n_off, n) of the B*T positions: in training a fresh random subset
+            # per offset, about horizon_sample heads' worth in all, through one unembedding matmul (each matmul
+            # re-reads the V x D table); in eval every row, one offset's (B*T, V) logits at a time. Sums over drawn
+            # rows are scaled by N / n and divided by counts over the full window: unbiased (core.offset_rows)
+            B, T, n_off, D = horizon_hidden.shape
+            N = B * T
+            rows = core.offset_rows(N, n_off, logits.device, c.horizon_sample if self.training else None)
+            n = rows.size(1)
+            k = torch.arange(n_off, device=logits.device)[:, None]
+            target_all = core.offset_targets(targets, n_off)                               # (N, n_off)
+            target, agree = target_all[rows, k], core.offset_targets(main_pred, n_off)[rows, k]  # (n_off, n)
+            z = horizon_hidden.reshape(N, n_off, D)[rows, k]                               # (n_off, n, D)
+            valid = target >= 0
+            scale = N / n
+            counts = (target_all >= 0).sum(0).clamp_min(1)                                 # (n_off,)
+            weight = c.horizon_gamma ** torch.arange(2, n_off + 2, device=logits.device, dtype=torch.float32)
+            # loss = (CE_next + lambda_h sum_k w_k CE_k) / (1 + lambda_h), CE_k = scale sum_rows ce / count_k: the
+            # offsets' part is one weighted sum of row CEs, taken in one pass over V (core.linear_lse_loss)
+            coef = (c.horizon_weight / (1 + c.horizon_weight) * weight / weight.sum() * scale / counts)[:, None] * valid
+            total, lse, pick, argmax = core.linear_lse_loss(z.reshape(-1, D), self.wte.weight,
+                                                            target.clamp_min(0).reshape(-1), coef.reshape(-1))
+            with torch.no_grad():
+                ce_k = scale * ((lse - pick).view(n_off, n) * valid).sum(1) / counts          # (n_off,)
+                for j in range(n_off):
+                    aux[f"ce_{j + 2}"] = ce_k[j]
+                aux["horizon"] = (weight * ce_k).sum() / weight.sum()
+            loss = loss / (1 + c.horizon_weight) + total
+            hit = (argmax.view(n_off, n) == agree).float()
+            kappa_k = kappa_logits.reshape(N, -1)[:, 1:][rows, k]
+            conf_sum = conf_sum + scale * bce(kappa_k, hit).mul(target >= 0).sum()
+            conf_count = conf_count + (target_all >= 0).sum()
+        aux["confidence"] = conf_sum / conf_count.clamp_min(1)
         aux["depth"] = depth_frac.mean()
-        p_mean = pi.softmax(-1).mean((0, 1))                                              # (n_attn, 4)
-        aux["pattern_entropy"] = -(p_mean * p_mean.clamp_min(1e-9).log()).sum(-1).mean()
+        # routers that stay adaptive (see core.routing_information and core.router_z_loss): -I(token; choice) of
+        # the task mixture, of each layer's pattern choice, of each lattice gate and of shallow vs deep (the
+        # depth fraction phi_t as a two-way distribution: one adaptive layer runs exactly when phi_t >= 1/2),
+        # and the z-loss on the task, pattern and lattice-gate logits (the depth gate's logit is bounded by
+        # construction). Without them tau ended one-hot on one task for every token, so every token of a window got
+        # the same depth and pattern, and the lattice gates shut (~4e-5)
+        gates = [core.bernoulli(g) for g in (torch.sigmoid(routers["lattice"].float()) if routers["lattice"]
+                                             is not None else None, routers["depth"]) if g is not None]
+        aux["routing"] = (core.routing_information(routers["task"].softmax(-1))
+                          + core.routing_information(routers["patterns"].softmax(-1))
+                          + sum(core.routing_information(g) for g in gates))
+        aux["router_z"] = core.router_z_loss(routers["task"]) + core.router_z_loss(routers["patterns"])
+        if routers["lattice"] is not None:
+            aux["router_z"] = aux["router_z"] + core.router_z_loss(routers["lattice"], gate=True)
         loss = (loss + c.confidence_weight * aux["confidence"] + c.depth_weight * aux["depth"]
-                - c.pattern_entropy_weight * aux["pattern_entropy"])
+                + c.routing_weight * aux["routing"] + c.router_z_weight * aux["router_z"])
         return loss, aux
 
     @staticmethod
@@ -509,19 +577,6 @@ class Model(core.LM):
         """(B, T, H-1): the probability that offset k = 2..H's draft passes greedy verification, kappa_k (trained
         by BCE on whether offset k's argmax equals the main head's argmax at t + k - 1)."""
         return out.confidence[..., 1:]
-
-    @torch.no_grad()
-    def draft(self, seq, k, prev_out, prev_index):
-        """Greedy drafts from the horizon states at the last cached position, as many as maximise the expected
-        tokens per verification cost (best_draft_length with draft_acceptance); prompt lookup when no draft
-        pays for its verification."""
-        heads = min(k, self.config.horizon - 1)
-        if prev_out is None or prev_out.horizon_hidden is None or heads <= 0:
-            return core.prompt_lookup_draft(seq, k)
-        n = core.best_draft_length(self.draft_acceptance(prev_out)[0, prev_index, :heads], self.config.draft_cost)
-        if n == 0:
-            return core.prompt_lookup_draft(seq, k)
-        return core.horizon_draft(seq, n, prev_out, prev_index, self.wte.weight)
 
 
 def expected_calibration_error(confidence, correct, bins=10):

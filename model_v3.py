@@ -4,8 +4,10 @@ What it computes: token and position embeddings -> core.SpineTrunk (adaptive bot
 top blocks) -> LN_f -> tied LM head, plus horizon heads for offsets 2..horizon. What it combines:
 - Adaptive bottom stack (the original's AdaptiveBlock): pre-LN blocks, each but the last followed by an exit head
   c_t = sigmoid(w . LN(h_t) + b) read from the token's own state. Training runs every layer and fits the heads to
-  a detached saturation target, 1[cos(h^l, h^L) > 0.95]; at inference a token stops once its confidence passes
-  exit_threshold and its skipped layers still cache K/V from the copied state (CALM, Schuster et al. 2022).
+  a CALM target: the layer's state, read through the tied head, already predicts the next token about as well as
+  the final state (core.exit_head_loss); at inference a token stops once its confidence passes exit_threshold,
+  calibrated from a held-out loss tolerance (core.calibrate_exit), and its skipped layers still cache K/V from the
+  copied state (CALM, Schuster et al. 2022).
 - Complete lattice core (the original's MultiLevelLatticeProcessor + PathWeightedLatticeCore + meta-fusion):
   spine rows 12, 36, 104, 304, ... fuse their spine ancestors by level and by DAG path count
   (core.LatticeCore), between the bottom and the top stack; cached, so decoding a spine row reads its ancestors.
@@ -66,7 +68,7 @@ class Model(core.LM):
         core.check_context(c, start_pos, T)
         pos = torch.arange(start_pos, start_pos + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))                              # (B, T, D)
-        h, exit_loss, exit_depth = self.trunk(x, cache, start_pos, c.exit_threshold)
+        h, exit_loss, exit_depth = self.trunk(x, cache, start_pos, c.exit_threshold, self.head_logits, targets)
         h = self.ln_f(h)
         logits = self.lm_head(h)                                                  # (B, T, V)
         horizon_hidden = None if self.horizon is None else self.horizon(h)        # (B, T, H-1, D)
@@ -77,9 +79,6 @@ class Model(core.LM):
                                                sample=self.training and c.horizon_sampling)
         return core.Output(logits=logits, loss=loss, hidden=h, aux=aux, horizon_hidden=horizon_hidden,
                            exit_depth=exit_depth)
-
-    def draft(self, seq, k, prev_out, prev_index):
-        return core.horizon_draft(seq, k, prev_out, prev_index, self.wte.weight)
 
 
 if __name__ == "__main__":

@@ -81,11 +81,12 @@ class Model(core.LM):
         if c.mode == "token":
             pos = torch.arange(start_pos, start_pos + T, device=idx.device)
             x = self.drop(self.wte(idx) + self.wpe(pos))                          # (B, T, D)
-            h, exit_loss, exit_depth = self.trunk(x, cache, start_pos, c.exit_threshold)
+            h, exit_loss, exit_depth = self.trunk(x, cache, start_pos, c.exit_threshold, self.head_logits,
+                                                  targets)
         else:
             # exits are decided per chunk slot in the global model, so there is no per-token exit depth
             h, global_rest = self.chunk(idx, lambda ids: self.drop(self.wte(ids)), cache, start_pos,
-                                        exit_threshold=c.exit_threshold)         # (B, T, D)
+                                        exit_threshold=c.exit_threshold, readout=self.head_logits)  # (B, T, D)
             exit_loss, exit_depth = None if global_rest is None else global_rest[0], None
         h = self.ln_f(h)
         logits = self.lm_head(h)                                                  # (B, T, V)
@@ -97,9 +98,6 @@ class Model(core.LM):
                                                sample=self.training and c.horizon_sampling)
         return core.Output(logits=logits, loss=loss, hidden=h, aux=aux, horizon_hidden=horizon_hidden,
                            exit_depth=exit_depth)
-
-    def draft(self, seq, k, prev_out, prev_index):
-        return core.horizon_draft(seq, k, prev_out, prev_index, self.wte.weight)
 
 
 if __name__ == "__main__":

@@ -3,18 +3,25 @@
 What it computes: embeddings -> n_bottom_layers blocks -> OffsetRoutingLattice -> the remaining blocks -> LN_f ->
 tied LM head (Press & Wolf 2017), plus horizon heads. What it combines:
 - Paged KV cache (vLLM's PagedAttention, Kwon et al. 2023), in paged_cache.py: fixed 16-token blocks from a
-  preallocated pool, one block table per sequence shared by every layer, a free list, reference counts with
-  copy-on-write for shared prefixes, and truncation for speculative rollback. `new_cache` returns one, so
-  `generate(use_cache=True)` and speculative decoding attend through block tables.
+  pool that grows on demand, one block table per sequence shared by every layer, a free list, reference counts
+  with copy-on-write for shared prefixes (fork also copies the lattice's node rows), and truncation for
+  speculative rollback. `new_cache` returns one, so `generate(use_cache=True)` and speculative decoding attend
+  through block tables; forward takes per-row start positions, so `generate` runs prompts of different lengths
+  as one ragged batch.
 - Causal hyper-lattice block (the original's HyperLatticeBlock): node features n_t = GELU(LN(W_n x_t)) are mixed
   over a window of W earlier positions with weights a_{t,o} = softmax_o(w_o + r_{t,o}), where w are learnable
-  lattice weights per *relative* offset o = t - j and r_t = W_r LN(x_t) is per-token content routing (W_r starts at
-  zero, so training starts from the static lattice), much like a dynamic lightweight convolution (Wu et al. 2019).
+  lattice weights per *relative* offset o = t - j and r_t = W_r LN(x_t) is per-token content routing, much like a
+  dynamic lightweight convolution (Wu et al. 2019). W_r starts random with unit-scale logits, and the objective adds
+  0.01 * core.routing_information (minus the information between a token's content and its offsets) and 1e-3 *
+  core.router_z_loss (ST-MoE): started at zero and trained by the language-model loss alone, every token kept
+  nearly the same mixture of its window (TV 0.003 from the mean routing).
   The mix is one banded lower-triangular matrix product; an edge MLP and a gate fold the message back into the
   stream. Decoding keeps every position's node features.
 - Horizon heads at every position (Medusa-style, Cai et al. 2024): offset k = 2..horizon at t predicts token t+k
   through LN(h + U_k h) and the tied unembedding, trained with core.horizon_objective and drafting for lossless
-  speculative decoding (Leviathan et al. 2023; Chen et al. 2023).
+  speculative decoding (Leviathan et al. 2023; Chen et al. 2023). Draft confidence heads (a linear map of the
+  detached final state, trained by BCE on whether offset k's argmax equals the main head's at t + k - 1) give
+  Output.acceptance, from which speculative decoding chooses each round's draft length.
 
 What it does differently from the original script, and why:
 - Every layer is causal (the original's bottom stack was a bidirectional nn.TransformerEncoderLayer) and cached
@@ -31,7 +38,7 @@ Longer notes: docs/v4_1_v5.md
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn as nn
@@ -44,15 +51,18 @@ import paged_cache
 class OffsetRoutingLattice(nn.Module):
     """out_t = g_t * W_o e_t + (1 - g_t) * x_t, with e_t = EdgeMLP([n_t ; m_t]), g_t = sigmoid(W_g [x_t ; e_t]) and
     m_t = sum_{o < min(W, t + 1)} a_{t,o} n_{t-o}: offsets past the sequence start get probability exactly 0, so
-    out_t depends on x_{<=t} only. forward(x, start_pos, nodes) with nodes (B, max_len, D) the cached node
-    features (written by position, so truncation needs no bookkeeping) or None for an uncached call from 0."""
+    out_t depends on x_{<=t} only. forward(x, start_pos, nodes) -> (out, routing logits z (B, T, W)), with nodes
+    (B, max_len, D) the cached node features (written by position, so truncation needs no bookkeeping) or None for
+    an uncached call from 0."""
 
     def __init__(self, d_model, window, bias=False):
         super().__init__()
         self.window = window
         self.offset_logits = nn.Parameter(torch.zeros(window))           # w_o: the learnable lattice weights
         self.route_ln = core.LayerNorm(d_model, bias)
-        self.route_weight = nn.Parameter(torch.zeros(window, d_model))   # W_r, zero: start from the static lattice
+        # W_r starts random with logits of unit scale (LN(x) has unit RMS), so tokens route differently from step 0;
+        # a zero W_r started every token on the same static mixture, and 100-300 steps left it there (TV 0.003)
+        self.route_weight = nn.Parameter(torch.randn(window, d_model) / d_model ** 0.5)
         self.node = nn.Linear(d_model, d_model, bias=bias)
         self.node_ln = core.LayerNorm(d_model, bias)
         self.edge_in = nn.Linear(2 * d_model, d_model, bias=bias)
@@ -60,35 +70,45 @@ class OffsetRoutingLattice(nn.Module):
         self.gate = nn.Linear(2 * d_model, d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
 
+    def routing_logits(self, x, start_pos=0):
+        """x (B, T, D) at positions start_pos.. -> z (B, T, W): w_o + r_{t,o}, -inf at offsets before the start."""
+        T = x.size(1)
+        t_pos = core.positions(start_pos, T, x.device)                                  # (T,), or (B, T) per row
+        z = self.offset_logits + F.linear(self.route_ln(x), self.route_weight)          # (B, T, W)
+        beyond_start = torch.arange(self.window, device=x.device) > t_pos[..., None]     # (T, W): j = t - o < 0
+        return z.masked_fill(beyond_start, float("-inf"))
+
     def routing(self, x, start_pos=0):
         """x (B, T, D) at positions start_pos.. -> a (B, T, W): each token's weights over offsets 0..W-1."""
-        T = x.size(1)
-        t_pos = torch.arange(start_pos, start_pos + T, device=x.device)
-        z = self.offset_logits + F.linear(self.route_ln(x), self.route_weight)          # (B, T, W)
-        beyond_start = torch.arange(self.window, device=x.device) > t_pos[:, None]       # (T, W): j = t - o < 0
-        return z.masked_fill(beyond_start, float("-inf")).softmax(-1)
+        return self.routing_logits(x, start_pos).softmax(-1)
 
     def forward(self, x, start_pos=0, nodes=None):
         B, T, D = x.shape
         n = F.gelu(self.node_ln(self.node(x)))                                           # (B, T, D)
+        t_pos = core.positions(start_pos, T, x.device)       # (T,), or (B, T) for a ragged batch's per-row starts
         if nodes is None:
-            if start_pos:
+            if torch.is_tensor(start_pos) or start_pos:
                 raise core.UsageError(f"the lattice needs its cache for start_pos={start_pos} > 0")
             first, keys = 0, n
         else:
-            nodes[:, start_pos:start_pos + T] = n
-            first = max(0, start_pos - self.window + 1)          # older nodes are outside every query's window
-            keys = nodes[:, first:start_pos + T]                                         # (B, L, D)
-        a = self.routing(x, start_pos)                                                   # (B, T, W)
-        t_pos = torch.arange(start_pos, start_pos + T, device=x.device)
-        j_pos = torch.arange(first, start_pos + T, device=x.device)
-        rel = t_pos[:, None] - j_pos[None]                                               # (T, L) offset t - j
+            if torch.is_tensor(start_pos):
+                nodes[torch.arange(B, device=x.device)[:, None], t_pos] = n
+                lo, hi = int(start_pos.min()), int(start_pos.max())
+            else:
+                nodes[:, start_pos:start_pos + T] = n
+                lo = hi = start_pos
+            first = max(0, lo - self.window + 1)                 # older nodes are outside every query's window
+            keys = nodes[:, first:hi + T]                                                # (B, L, D)
+        z = self.routing_logits(x, start_pos)
+        a = z.softmax(-1)                                                                # (B, T, W)
+        j_pos = torch.arange(first, first + keys.size(1), device=x.device)
+        rel = t_pos[..., None] - j_pos                                                   # (T, L) or (B, T, L): t - j
         band = (rel >= 0) & (rel < self.window)
         mix = torch.gather(a, 2, rel.clamp(0, self.window - 1).expand(B, T, -1)) * band  # (B, T, L) banded, lower
         m = mix.to(keys.dtype) @ keys                                                    # (B, T, D)
         e = self.edge_out(F.gelu(self.edge_in(torch.cat([n, m], -1))))
         g = torch.sigmoid(self.gate(torch.cat([x, e], -1)))
-        return g * self.out(e) + (1 - g) * x
+        return g * self.out(e) + (1 - g) * x, z
 
 
 class OffsetLatticeCache(paged_cache.PagedKVCache):
@@ -98,8 +118,17 @@ class OffsetLatticeCache(paged_cache.PagedKVCache):
         super().__init__(*args, **kwargs)
         self.nodes = nodes
 
+    def row_state(self):
+        return [self.nodes]
+
     def nbytes(self):
         return super().nbytes() + self.nodes.nelement() * self.nodes.element_size()
+
+
+@dataclass
+class Output(core.Output):
+    routing: Optional[torch.Tensor] = None   # (B, T, W) each token's lattice weights over offsets 0..W-1
+    acceptance: Optional[torch.Tensor] = None  # (B, T, H-1) P(offset k = 2..H's greedy draft passes verification)
 
 
 @dataclass
@@ -112,6 +141,9 @@ class Config(core.Config):
     horizon_gamma: float = 0.95     # discount of offset k: gamma^(k-1)
     block_size: int = 16            # paged cache: tokens per block
     kv_blocks: int = 0              # paged cache: blocks in the pool; 0 = enough for every row to reach max_seq_len
+    routing_weight: float = 0.01    # weight of -I(token; offset), core.routing_information (Switch's balance weight)
+    router_z_weight: float = 1e-3   # weight of the router z-loss, core.router_z_loss (ST-MoE's)
+    acceptance_weight: float = 0.1  # weight of the draft-acceptance heads' BCE (they read a detached state)
     modes: ClassVar[tuple] = ("token",)
 
     def __post_init__(self):
@@ -124,6 +156,8 @@ class Config(core.Config):
 
 
 class Model(core.LM):
+    ragged_decoding = True   # forward takes per-row start positions (B,): generate batches prompts of any lengths
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -139,6 +173,8 @@ class Model(core.LM):
         # horizon offsets 2..H: LN(h + U_k h), a residual so every offset starts near the main head's prediction
         self.horizon = nn.Linear(c.d_model, (c.horizon - 1) * c.d_model, bias=False) if c.horizon > 1 else None
         self.horizon_ln = core.LayerNorm(c.d_model, c.bias) if c.horizon > 1 else None
+        # draft confidence: P(offset k's greedy draft passes greedy verification) from the final state, k = 2..H
+        self.acceptance = nn.Linear(c.d_model, c.horizon - 1) if c.horizon > 1 else None
         self.apply(core.init_weights)
         core.scale_residual_projections(self, c.n_layers)
 
@@ -153,39 +189,66 @@ class Model(core.LM):
         c = self.config
         B, T = idx.shape
         core.check_context(c, start_pos, T)
-        pos = torch.arange(start_pos, start_pos + T, device=idx.device)
+        pos = core.positions(start_pos, T, idx.device)                            # (T,), or (B, T) per row
         h = self.drop(self.wte(idx) + self.wpe(pos))                              # (B, T, D)
         kv = [None] * c.n_layers if cache is None else cache.layers
         for i, block in enumerate(self.blocks):
             if i == c.n_bottom_layers:
-                h = self.lattice(h, start_pos, None if cache is None else cache.nodes)
+                h, route_logits = self.lattice(h, start_pos, None if cache is None else cache.nodes)
             h = block(h, kv[i], start_pos)
         if c.n_bottom_layers == c.n_layers:
-            h = self.lattice(h, start_pos, None if cache is None else cache.nodes)
+            h, route_logits = self.lattice(h, start_pos, None if cache is None else cache.nodes)
+        routing = route_logits.softmax(-1)                                        # (B, T, W)
         h = self.ln_f(h)
         logits = self.lm_head(h)                                                  # (B, T, V)
-        horizon_hidden = None
+        horizon_hidden = acc_logits = None
         if self.horizon is not None:
             u = self.horizon(h).view(B, T, c.horizon - 1, c.d_model)              # (B, T, H-1, D)
             horizon_hidden = self.horizon_ln(h[:, :, None] + u)
+            acc_logits = self.acceptance(h.detach()).float()    # detached: predicting acceptance never reshapes h
         loss = aux = None
         if targets is not None:
             loss, aux = core.horizon_objective(logits, targets, horizon_hidden, self.wte.weight, None,
                                                c.horizon_weight, c.horizon_gamma,
                                                sample=self.training and c.horizon_sampling)
-        return core.Output(logits=logits, loss=loss, hidden=h, aux=aux, horizon_hidden=horizon_hidden)
+            # the routing terms (core.routing_information, core.router_z_loss): without them the content router
+            # stays where it starts, so every token mixes its window the same way
+            aux["routing"] = core.routing_information(routing)
+            aux["router_z"] = core.router_z_loss(route_logits)
+            loss = loss + c.routing_weight * aux["routing"] + c.router_z_weight * aux["router_z"]
+            if acc_logits is not None:
+                aux["acceptance"] = self.acceptance_loss(acc_logits, logits, horizon_hidden)
+                loss = loss + c.acceptance_weight * aux["acceptance"]
+        return Output(logits=logits, loss=loss, hidden=h, aux=aux, horizon_hidden=horizon_hidden, routing=routing,
+                      acceptance=None if acc_logits is None else torch.sigmoid(acc_logits))
 
-    def draft(self, seq, k, prev_out, prev_index):
-        return core.horizon_draft(seq, k, prev_out, prev_index, self.wte.weight)
+    def acceptance_loss(self, acc_logits, logits, horizon_hidden):
+        """BCE of the acceptance heads against what greedy verification checks: whether offset k's argmax at t
+        equals the main head's argmax at t + k - 1. Each offset is scored at ceil(B T / (H-1)) random positions
+        (all in eval), all offsets' rows in one no-grad readout: about one extra head's matmul."""
+        B, T, n_off, D = horizon_hidden.shape
+        N = B * T
+        main = logits.detach().argmax(-1)                                         # (B, T): what greedy picks
+        n = -(-N // n_off) if self.training else N
+        rows, agree = [], []
+        for j in range(n_off):
+            picked = core.sample_rows(N, n, logits.device)
+            picked = torch.arange(N, device=logits.device) if picked is None else picked
+            rows.append(picked + j * N)
+            agree.append(core.horizon_targets(main, j + 2).reshape(N)[picked])   # main argmax at t + k - 1
+        rows, agree = torch.cat(rows), torch.cat(agree)
+        with torch.no_grad():
+            states = horizon_hidden.detach().permute(2, 0, 1, 3).reshape(n_off * N, D)[rows]
+            hit = (F.linear(states, self.wte.weight).argmax(-1) == agree).float()
+        z = acc_logits.permute(2, 0, 1).reshape(n_off * N)[rows]
+        valid = (agree >= 0).float()
+        bce = F.binary_cross_entropy_with_logits(z, hit, reduction="none")
+        return (bce * valid).sum() / valid.sum().clamp_min(1)
 
-    def flops_per_token(self):
-        """Training FLOPs per token: 3x the forward matmul FLOPs (2 per multiply-add) at T = max_seq_len."""
-        c = self.config
-        D, T, V, W, H = c.d_model, c.max_seq_len, c.vocab_size, c.lattice_window, c.horizon
-        blocks = c.n_layers * (2 * 12 * D * D + 2 * 2 * T * D)    # qkv, proj, 4x MLP; QK^T and AV over T keys
-        lattice = 2 * (7 * D * D + W * D) + 2 * T * D             # node, edge 2D->D->D, gate, out, routing; band mix
-        heads = 2 * D * V + (H - 1) * (2 * D * D + 2 * D * V)     # main head; each horizon offset's U_k and unembed
-        return 3 * (blocks + lattice + heads)
+    @staticmethod
+    def draft_acceptance(out):
+        """(B, T, H-1): the probability that offset k = 2..H's greedy draft passes greedy verification."""
+        return out.acceptance
 
 
 @torch.no_grad()

@@ -7,7 +7,10 @@ What it computes: embeddings -> TaskRoutedTrunk (adaptive bottom -> gated lattic
   read each token's own state; at inference an exited token's state is frozen and its skipped layers still cache
   K/V (CALM, Schuster et al. 2022); a threshold above 1 is exactly the dense model.
 - Adaptive lattice processor (the original's task routing): causal, cached blocks, each gated per token by
-  G_t = sigmoid(MLP(u_t)), where u_t is the causal prefix mean of the processor's input (decode keeps prefix sums).
+  G_t = sigmoid(MLP(LN[x_t ; u_t])), where x_t is the token's state and u_t the causal prefix mean of the
+  processor's input (decode keeps prefix sums). The router starts with unit-scale logits and open gates, and the
+  objective adds 0.005 * core.routing_information and 1e-3 * core.router_z_loss per gate: without them the gates
+  shut for good (<= 1e-4) or settled on one value for every token.
   h <- h + G_{t,i} (Block_i(h) - h), a highway-style gate (Srivastava et al. 2015). Soft gates, no Python branch
   on a tensor value.
 - Layer-aware predictive fields (the original's RecursiveDescentLatticeAnalyzer.compute_predictive_field):
@@ -41,7 +44,7 @@ Longer notes: docs/v4_1_v5.md
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn as nn
@@ -49,11 +52,18 @@ import torch.nn as nn
 import core
 import paged_cache
 
-# the original's field templates over 10 lattice layers, centred at these relative depths: far targets read the
-# shallow layers, medium ones the lower middle, near ones the upper middle; here they are smooth
-# bumps over relative depth, so every processor depth gets a template with no zero rows
-FIELD_CENTRES = {"far": 0.0, "medium": 0.25, "near": 0.55}
+# the original's field templates over its 10 lattice layers put far targets on the shallow layers, medium ones on
+# the lower middle and near ones on the upper middle. Here they are smooth bumps over the processor's relative depth
+# 0..1, centred across its whole depth, at least half a layer spacing wide, so every depth gets templates with no
+# zero rows and three different fields from 2 layers up: at 2 layers far reads layer 0 (98%), near layer 1 (98%),
+# medium both (60/40). (The original's centres 0, 0.25 and 0.55 of width 0.25 made far and medium both read layer
+# 0 at the default 2 layers.)
+FIELD_CENTRES = {"far": 0.0, "medium": 0.45, "near": 1.0}
 FIELD_WIDTH = 0.25
+# the processor's gates start at sigmoid(2) = 0.88: open enough that its blocks learn from the first step like any
+# other block (gates that start half shut lost the race against blocks still noisy at init and closed for good),
+# short of saturation so the router still has a gradient
+GATE_INIT_LOGIT = 2.0
 
 
 def multiscale_plan(n_offsets):
@@ -83,17 +93,25 @@ def interpolate_anchors(z_a, z_b, alpha):
 
 
 class AdaptiveLatticeProcessor(nn.Module):
-    """Causal, cached blocks gated per token by a router over the prefix mean u_t = sum_{s<=t} x_s / (t + 1).
-    forward(x, kv, start_pos, prefix_sums) -> (h, states (B, T, n, D), gates (B, T, n)); prefix_sums
-    (B, max_len, D) holds the running sums by position in a cached call (so truncation needs nothing)."""
+    """Causal, cached blocks gated per token by a router over the token's own state x_t and the prefix mean
+    u_t = sum_{s<=t} x_s / (t + 1): G_t = sigmoid(MLP(LN[x_t ; u_t])). forward(x, kv, start_pos, prefix_sums) ->
+    (h, states (B, T, n, D), gate logits (B, T, n)); prefix_sums (B, max_len, D) holds the running sums by position
+    in a cached call (so truncation needs nothing). The prefix mean alone (the original's input, there over the
+    whole sequence) moves by O(1/t) per token, so its gates were one value per window after the first few tokens;
+    the token's own state lets the router tell tokens apart (as a mixture-of-experts router reads its token)."""
 
     def __init__(self, d_model, n_heads, n_layers, router_hidden, bias=False, dropout=0.0):
         super().__init__()
         self.blocks = nn.ModuleList(core.Block(d_model, n_heads, bias, dropout) for _ in range(n_layers))
-        self.router = nn.Sequential(nn.Linear(d_model, router_hidden, bias=bias), nn.ReLU(),
-                                    nn.Linear(router_hidden, n_layers, bias=bias))
+        self.router_ln = core.LayerNorm(2 * d_model, bias)
+        # the output bias exists whatever `bias` says: Model starts it at GATE_INIT_LOGIT, gates open
+        self.router = nn.Sequential(nn.Linear(2 * d_model, router_hidden, bias=bias), nn.ReLU(),
+                                    nn.Linear(router_hidden, n_layers, bias=True))
 
     def gates(self, x, start_pos=0, prefix_sums=None):
+        return torch.sigmoid(self.gate_logits(x, start_pos, prefix_sums))          # (B, T, n)
+
+    def gate_logits(self, x, start_pos=0, prefix_sums=None):
         T = x.size(1)
         sums = x.float().cumsum(1)                                                # (B, T, D)
         if prefix_sums is not None:
@@ -102,15 +120,16 @@ class AdaptiveLatticeProcessor(nn.Module):
             prefix_sums[:, start_pos:start_pos + T] = sums.to(prefix_sums.dtype)
         count = torch.arange(start_pos + 1, start_pos + T + 1, device=x.device, dtype=sums.dtype)
         u = (sums / count[:, None]).to(x.dtype)                                   # causal prefix mean
-        return torch.sigmoid(self.router(u))                                      # (B, T, n)
+        return self.router(self.router_ln(torch.cat([x, u], -1)))                 # (B, T, n)
 
     def forward(self, x, kv, start_pos=0, prefix_sums=None):
-        g = self.gates(x, start_pos, prefix_sums)
+        z = self.gate_logits(x, start_pos, prefix_sums)
+        g = torch.sigmoid(z)
         h, states = x, []
         for i, block in enumerate(self.blocks):
             h = h + g[..., i:i + 1] * (block(h, kv[i], start_pos) - h)
             states.append(h)
-        return h, torch.stack(states, 2), g
+        return h, torch.stack(states, 2), z
 
 
 class PredictiveField(nn.Module):
@@ -120,7 +139,8 @@ class PredictiveField(nn.Module):
     def __init__(self, d_model, n_layers, bias=False):
         super().__init__()
         depth = torch.linspace(0, 1, n_layers) if n_layers > 1 else torch.zeros(1)
-        templates = torch.stack([torch.exp(-((depth - c) / FIELD_WIDTH) ** 2) for c in FIELD_CENTRES.values()])
+        width = max(FIELD_WIDTH, 0.5 / max(1, n_layers - 1))
+        templates = torch.stack([torch.exp(-((depth - c) / width) ** 2) for c in FIELD_CENTRES.values()])
         self.register_buffer("templates", templates, persistent=False)           # (3, n): far, medium, near
         self.layer_weights = nn.Parameter(torch.ones(n_layers))                   # lambda, init 1 as the original
         self.ln = core.LayerNorm(d_model, bias)
@@ -175,13 +195,18 @@ class TaskRoutedCache(paged_cache.PagedKVCache):
         super().__init__(*args, **kwargs)
         self.prefix_sums = prefix_sums
 
+    def row_state(self):
+        return [self.prefix_sums]
+
     def nbytes(self):
         return super().nbytes() + self.prefix_sums.nelement() * self.prefix_sums.element_size()
 
 
 class TaskRoutedTrunk(nn.Module):
     """Adaptive bottom (early exit) -> adaptive lattice processor -> top blocks over one causal axis.
-    forward(x, cache, start_pos, exit_threshold) -> (h, exit_loss, exit_depth, states (B, T, n_lattice, D))."""
+    forward(x, cache, start_pos, exit_threshold, readout, labels) -> (h, exit_loss, exit_depth,
+    states (B, T, n_lattice, D), processor gate logits (B, T, n_lattice)), exit_loss as core.SpineTrunk's, against
+    readout of this trunk's output (not of the bottom's)."""
 
     def __init__(self, d_model, n_heads, n_bottom, n_lattice, n_top, router_hidden, max_len, block_size, kv_blocks,
                  bias=False, dropout=0.0):
@@ -200,14 +225,29 @@ class TaskRoutedTrunk(nn.Module):
         return TaskRoutedCache(sums, n_blocks, batch_size, self.n_heads, self.d_model // self.n_heads, self.max_len, device,
                        dtype, self.block_size, self.kv_blocks)
 
-    def forward(self, x, cache=None, start_pos=0, exit_threshold=2.0):
+    def forward(self, x, cache=None, start_pos=0, exit_threshold=2.0, readout=None, labels=None):
         nb, nl = self.n_bottom, self.n_lattice
         kv = [None] * (nb + nl + len(self.top)) if cache is None else cache.layers
-        h, exit_loss, depth = self.bottom(x, None if cache is None else core.Cache(kv[:nb]), start_pos, exit_threshold)
-        h, states, _ = self.processor(h, kv[nb:nb + nl], start_pos, None if cache is None else cache.prefix_sums)
+        exit_loss = depth = None
+        if self.training:  # every bottom layer runs; the exit heads' target is the prediction after the top blocks
+            h, bottom_states = x, []
+            for i, block in enumerate(self.bottom.bottom):
+                h = block(h, kv[i], start_pos)
+                bottom_states.append(h)
+        else:
+            h, _, depth = self.bottom(x, None if cache is None else core.Cache(kv[:nb]), start_pos, exit_threshold)
+        h, states, gate_logits = self.processor(h, kv[nb:nb + nl], start_pos,
+                                                None if cache is None else cache.prefix_sums)
         for i, block in enumerate(self.top, start=nb + nl):
             h = block(h, kv[i], start_pos)
-        return h, exit_loss, depth, states
+        if self.training and len(self.bottom.exit_heads):
+            exit_loss = core.exit_head_loss(self.bottom.exit_heads, bottom_states, h, readout, labels)
+        return h, exit_loss, depth, states, gate_logits
+
+
+@dataclass
+class Output(core.Output):
+    gates: Optional[torch.Tensor] = None   # (B, T, n_lattice_layers) processor gates (chunk mode: per chunk slot)
 
 
 @dataclass
@@ -219,6 +259,10 @@ class Config(core.SpineConfig):  # n_bottom_layers, horizon, horizon_weight, hor
     kv_blocks: int = 0              # paged cache: blocks in the pool; 0 = enough for every row to reach the context
     chunk_size: int = 8             # chunk mode: tokens per chunk
     n_local_layers: int = 2         # chunk mode: layers of the local decoder
+    routing_weight: float = 0.005   # weight of -I(token; gate) per processor layer, core.routing_information
+                                    # (bytes, d32, 240 steps, 2 seeds: 0.01 gave held-out 3.06 / 3.39, 0.005 2.74 / 3.39,
+                                    # 0.003 2.96 / 2.70 with routing too uniform per token, none 2.87 / 3.04)
+    router_z_weight: float = 1e-3   # weight of the gates' z-loss, core.router_z_loss (ST-MoE's)
     modes: ClassVar[tuple] = ("token", "chunk")
 
     def __post_init__(self):
@@ -257,6 +301,9 @@ class Model(core.LM):
         self.horizon = MultiScaleHorizon(c.d_model, c.horizon - 1, c.bias)
         self.apply(core.init_weights)
         core.scale_residual_projections(self, c.n_layers + c.n_lattice_layers)
+        processor = (self.trunk if c.mode == "token" else self.chunk.global_model).processor
+        core.init_router(processor.router[0], processor.router[2])
+        nn.init.constant_(processor.router[-1].bias, GATE_INIT_LOGIT)
 
     def forward(self, idx, targets=None, cache=None, start_pos=0):
         c = self.config
@@ -265,13 +312,15 @@ class Model(core.LM):
         if c.mode == "token":
             pos = torch.arange(start_pos, start_pos + T, device=idx.device)
             x = self.drop(self.wte(idx) + self.wpe(pos))                          # (B, T, D)
-            h, exit_loss, exit_depth, states = self.trunk(x, cache, start_pos, c.exit_threshold)
+            h, exit_loss, exit_depth, states, gate_logits = self.trunk(x, cache, start_pos, c.exit_threshold,
+                                                                       self.head_logits, targets)
             h = self.ln_f(h)
             bases = self.field(h, states)                                         # (B, T, 3, D)
         else:
             h, rest = self.chunk(idx, lambda ids: self.drop(self.wte(ids)), cache, start_pos,
-                                 exit_threshold=c.exit_threshold)                # (B, T, D)
+                                 exit_threshold=c.exit_threshold, readout=self.head_logits)  # (B, T, D)
             exit_loss, exit_depth = None if rest is None else rest[0], None
+            gate_logits = None if rest is None else rest[3]                       # (B, chunk slots, n)
             h, bases = self.ln_f(h), None
         logits = self.lm_head(h)                                                  # (B, T, V)
         horizon_hidden = self.horizon(h, bases)                                   # (B, T, H-1, D)
@@ -280,37 +329,17 @@ class Model(core.LM):
             loss, aux = core.horizon_objective(logits, targets, horizon_hidden, self.wte.weight, exit_loss,
                                                c.horizon_weight, c.horizon_gamma,
                                                sample=self.training and c.horizon_sampling)
-        return core.Output(logits=logits, loss=loss, hidden=h, aux=aux, horizon_hidden=horizon_hidden,
-                           exit_depth=exit_depth)
-
-    def draft(self, seq, k, prev_out, prev_index):
-        return core.horizon_draft(seq, k, prev_out, prev_index, self.wte.weight)
-
-    def flops_per_token(self):
-        """Training FLOPs per token: 3x the forward matmul FLOPs (2 per multiply-add) at T = max_seq_len."""
-        c = self.config
-        D, T, V, Hz, C = c.d_model, c.max_seq_len, c.vocab_size, c.horizon - 1, c.chunk_size
-        nb, nl, R = c.n_bottom_layers, c.n_lattice_layers, c.router_hidden
-
-        def block(keys):
-            return 2 * 12 * D * D + 2 * 2 * keys * D            # qkv, proj, 4x MLP; QK^T and AV over `keys` keys
-
-        def trunk(keys):
-            exits = (nb - 1) * 2 * D                             # exit heads
-            router = 2 * (D * R + R * nl)
-            return (c.n_layers + nl) * block(keys) + exits + router
-
-        plan = multiscale_plan(Hz)
-        predictor = sum(len(rows) * 2 * ((1 if i == 0 else 2) * D * D + D * D) for i, rows in enumerate(plan))
-        heads = 2 * D * V + Hz * 2 * D * V + predictor         # main head, every offset's unembedding, level MLPs
-        if c.mode == "token":
-            field = 3 * (2 * D * D + 2 * nl * D)                 # per level: W_f, and the weighted mean of states
-            return 3 * (trunk(T) + field + heads)
-        n_slots = T // C + 1
-        encoder = 2 * C * D * D / C                              # C*D -> D per chunk, shared by its C tokens
-        global_model = trunk(n_slots) / C                        # one global slot per C tokens
-        local = c.n_local_layers * block(C) + 2 * D * D          # grouped blocks over C keys, context projection
-        return 3 * (encoder + global_model + local + heads)
+            if gate_logits is not None:
+                # keep the processor's gates trainable and per token: core.routing_information on the two-way
+                # distributions [g, 1 - g] (each layer's gate decisive per token, its mean over the batch away
+                # from 0 and 1) and the z-loss that keeps gate logits out of sigmoid saturation, where a gate
+                # stops learning: unregularised, the gates shut for good (<= 1e-4) within 200 steps
+                aux["routing"] = core.routing_information(core.bernoulli(torch.sigmoid(gate_logits.float())))
+                aux["router_z"] = core.router_z_loss(gate_logits, gate=True)
+                loss = loss + c.routing_weight * aux["routing"] + c.router_z_weight * aux["router_z"]
+        gates = None if gate_logits is None else torch.sigmoid(gate_logits)
+        return Output(logits=logits, loss=loss, hidden=h, aux=aux, horizon_hidden=horizon_hidden,
+                      exit_depth=exit_depth, gates=gates)
 
 
 if __name__ == "__main__":

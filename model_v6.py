@@ -2,8 +2,10 @@
 that draft for lossless speculative decoding, context injection, and the HierarchicalPredictiveLoss.
 
 Token mode: embed -> adaptive bottom blocks with a per-token exit head after each (CALM, Schuster et al. 2022: dense
-in training, a token stops at inference once its confidence passes exit_threshold and its skipped layers still cache
-K/V) -> the causal spine lattice (core.LatticeCore) -> top blocks -> tied unembedding (core.SpineTrunk).
+in training with a CALM target, a token stops at inference once its confidence passes exit_threshold, calibrated
+from a held-out loss tolerance by core.calibrate_exit, and its skipped layers still cache K/V) -> causal spine
+attention (core.SpineBlock: every position reads itself, a local window and its spine-offset predecessors t - 1, 2,
+4, 12, 36, ..., heads grouped by spine level) -> top blocks -> tied unembedding (core.SpineTrunk).
 
 Chunk mode (MEGABYTE, Yu et al. 2023; Block Transformer, Ho et al. 2024): a chunk encoder turns each chunk of
 `chunk_size` tokens into one vector; a global model (the same SpineTrunk, over chunk slots, fed shifted so slot c
@@ -16,9 +18,10 @@ They draft for speculative decoding, verified by the model in one cached pass (L
 2023), so greedy output equals plain greedy and sampled output has the model's distribution.
 
 Context injection (chunk mode): `with model.inject([(tokens, anchor)]): model.generate(...)` encodes a token block
-into `n_inject_slots` memory slots (learned queries over its chunk encodings) and adds them through a
-zero-initialised tanh gate to the global model's input at chunk slots >= anchor (a spine position), so predictions
-of tokens in chunks before the anchor never see it.
+into one memory slot per token and reads it through zero-initialised tanh-gated cross-attention (Flamingo) at the
+global model's input at chunk slots >= anchor (a spine position) and in every local decoder layer for the tokens of
+chunks >= anchor, so predictions of tokens in chunks before the anchor never see it. Training injects the passage
+just before each window (information the window lacks) into half the rows.
 
 Objective, the HierarchicalPredictiveLoss: next-token CE and lambda_k = beta gamma^(k-2) weighted horizon CE as a
 weighted mean (so it starts near ln V), plus a consistency KL that pulls offset k at t toward the main head's own
@@ -30,8 +33,8 @@ What it does differently from the original HST v6 scripts, and why:
   copying. Here every output at position t depends on tokens <= t only (a test perturbs the future).
 - Cached decoding uses the same masks as the full forward; the cross-attention memory is projected, not re-fed raw.
 - Injection is added causally at its anchor instead of overwriting a chunk.
-- Drafts are verified losslessly; no parameter is left untrained (the exit heads are fitted, the injection runs in
-  training with injection dropout).
+- Drafts are verified losslessly; no parameter is left untrained (the exit heads are fitted, the injection trains
+  on the passage before each window, with injection dropout).
 Longer notes: docs/v6_v7.md.
 """
 
@@ -82,16 +85,23 @@ class WindowCrossAttention(nn.Module):
 
 
 class CrossBlock(core.GroupedBlock):
-    """Grouped causal self-attention, then cross-attention to the group's window of global outputs, then the MLP."""
+    """Grouped causal self-attention, then cross-attention to the group's window of global outputs, then (when a
+    context is injected) gated cross-attention to the injected memory slots its group may read, then the MLP."""
 
     def __init__(self, d_model, n_heads, group_size, bias=False, dropout=0.0):
         super().__init__(d_model, n_heads, group_size, bias, dropout)
         self.ln_x = core.LayerNorm(d_model, bias)
         self.xattn = WindowCrossAttention(d_model, n_heads, bias)
+        self.inject_ln = core.LayerNorm(d_model, bias)
+        self.inject_xattn = WindowCrossAttention(d_model, n_heads, bias)
+        self.inject_gate = nn.Parameter(torch.zeros(()))   # tanh(0) = 0: an untrained injection changes nothing
 
-    def forward(self, x, kv_mem, mem_mask, kv_cache=None, start_pos=0):
+    def forward(self, x, kv_mem, mem_mask, kv_cache=None, start_pos=0, inject_kv=None, inject_mask=None):
         x = x + self.attn(self.ln_1(x), kv_cache, start_pos)
         x = x + self.xattn(self.ln_x(x), kv_mem, mem_mask)
+        if inject_kv is not None:  # (B, S, 2D) projected once per injection, read by every query
+            kv = inject_kv[:, None].expand(x.size(0), x.size(1), -1, -1)
+            x = x + torch.tanh(self.inject_gate) * self.inject_xattn(self.inject_ln(x), kv, inject_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -108,31 +118,56 @@ class CrossLocalDecoder(core.LocalDecoder):
         """g (B, S, D) -> (B, n_layers, S, 2D): every layer's cross K/V of these global slots, computed once."""
         return torch.stack([b.xattn.project(g) for b in self.blocks], 1)
 
-    def forward(self, x, g, memory, caches=None, start=0):
+    def forward(self, x, g, memory, caches=None, start=0, injection=None):
         """x (B, U, D) slot inputs from stream slot `start`; g (B, n, D) global outputs and memory their projected
-        K/V (B, n_layers, n, 2D), indexed by global slot."""
+        K/V (B, n_layers, n, 2D), indexed by global slot; injection None or a ProjectedInjection, whose slot s
+        group c reads when c >= its anchor (group c predicts the tokens of chunk c)."""
         slot = torch.arange(start, start + x.size(1), device=x.device)               # (U,) stream slots
         group = slot // self.chunk_size
         window = group[:, None] - torch.arange(self.window, device=x.device)         # (U, w) own slot first
         mask = window >= 0
         window = window.clamp_min(0)
+        inject_mask = None if injection is None else injection.visible(group)        # (U, S) or (B, U, S)
         h = x + self.wpe(slot % self.chunk_size) + self.cond(g[:, group])
         for i, block in enumerate(self.blocks):
-            h = block(h, memory[:, i][:, window], mask, None if caches is None else caches[i], start)
+            inject_kv = None if injection is None else injection.local_kv[:, i].expand(x.size(0), -1, -1)
+            h = block(h, memory[:, i][:, window], mask, None if caches is None else caches[i], start, inject_kv,
+                      inject_mask)
         return h
 
 
 class CrossChunkCache(core.ChunkCache):
     """core.ChunkCache plus the local decoder's cross K/V per global slot (B, n_layers, n_slots, 2D). Like the global
     outputs they are written by slot index when the slot is (re)computed, so rollback needs no more than
-    core.ChunkCache's pointers."""
+    core.ChunkCache's pointers. `injection` keeps the injected memory's K/V (a ProjectedInjection), projected once
+    by the call that starts the cache and read by every later call (decode steps, speculative verification)."""
 
     def __init__(self, local_layers, global_cache, tokens, context, cross_kv, chunk_size):
         super().__init__(local_layers, global_cache, tokens, context, chunk_size)
         self.cross_kv = cross_kv
+        self.injection = None
 
     def nbytes(self):
-        return super().nbytes() + self.cross_kv.nelement() * self.cross_kv.element_size()
+        extra = 0 if self.injection is None else self.injection.nbytes()
+        return super().nbytes() + self.cross_kv.nelement() * self.cross_kv.element_size() + extra
+
+
+@dataclass
+class ProjectedInjection:
+    """Injected memory, projected once: anchors (S,) or per row (B, S) chunk indices, the global model's K/V
+    global_kv (B|1, S, 2D) and every local decoder layer's K/V local_kv (B|1, n_local_layers, S, 2D)."""
+    anchors: torch.Tensor
+    global_kv: torch.Tensor
+    local_kv: torch.Tensor
+
+    def visible(self, group):
+        """group (U,) chunk indices -> (U, S), or (B, U, S) for per-row anchors: which memory slots each may read."""
+        if self.anchors.dim() == 1:
+            return group[:, None] >= self.anchors[None]
+        return group[None, :, None] >= self.anchors[:, None]
+
+    def nbytes(self):
+        return sum(t.nelement() * t.element_size() for t in (self.global_kv, self.local_kv))
 
 
 class CrossAttentionChunkDecoder(core.ChunkHierarchy):
@@ -141,17 +176,19 @@ class CrossAttentionChunkDecoder(core.ChunkHierarchy):
     Incremental generation keeps three caches in a CrossChunkCache: the local decoder's self-attention K/V, the
     cross-attention K/V projected once per global slot, and the global model's cache, advanced once per completed
     chunk. forward(idx, embed, cache, start_pos, injections, **global_kwargs) -> (hidden (B, T, D), rest) as
-    core.ChunkHierarchy; `injections` is None or (memory (B|1, S, D), anchors (S,) long): memory slot s is visible to
-    global slots >= anchors[s], i.e. to the predictions of tokens in chunks >= anchors[s] (logits at positions
-    >= anchor * C - 1)."""
+    core.ChunkHierarchy; `injections` is None or (memory (B|1, S, D), anchors (S,) or (B, S) long): memory slot s is
+    visible to global slots >= anchors[s] and to the local decoder's tokens of chunks >= anchors[s], i.e. to the
+    predictions of tokens in chunks >= anchors[s] (logits at positions >= anchor * C - 1). Its K/V are projected once
+    per forward without a cache, or once per cache (kept in CrossChunkCache.injection)."""
 
     def __init__(self, global_model, d_model, n_heads, n_local_layers, chunk_size, max_seq_len, window=4,
-                 n_inject_slots=4, bias=False, dropout=0.0):
+                 bias=False, dropout=0.0):
         super().__init__(global_model, d_model, n_heads, n_local_layers, chunk_size, max_seq_len, bias, dropout)
         self.local = CrossLocalDecoder(d_model, n_heads, n_local_layers, chunk_size, window, bias, dropout)
-        # injection: chunk encodings of the block -> n_inject_slots learned-query slots -> gated cross-attention
-        self.inject_queries = nn.Parameter(torch.randn(n_inject_slots, d_model) * 0.02)
-        self.inject_pool = WindowCrossAttention(d_model, n_heads, bias)
+        # injection: the block's token embeddings + their distance from the block's end, normed -> memory slots,
+        # read by gated cross-attention in the global model (slots >= anchor) and in every local decoder layer
+        self.inject_pos = nn.Embedding(max_seq_len, d_model)
+        self.inject_norm = core.LayerNorm(d_model, bias)
         self.inject_ln = core.LayerNorm(d_model, bias)
         self.inject_xattn = WindowCrossAttention(d_model, n_heads, bias)
         self.inject_gate = nn.Parameter(torch.zeros(()))   # tanh(0) = 0: an untrained injection changes nothing
@@ -163,38 +200,49 @@ class CrossAttentionChunkDecoder(core.ChunkHierarchy):
         return CrossChunkCache(base.layers, base.global_cache, base.tokens, base.context, cross, self.chunk_size)
 
     def encode_injection(self, embed, tokens):
-        """tokens (B, L) -> memory (B, n_inject_slots, D): the block's chunk encodings (the padded tail chunk has
-        zero rows for its pads), pooled by learned queries."""
-        B, L = tokens.shape
-        C = self.chunk_size
-        n = -(-L // C)
-        emb = F.pad(embed(tokens), (0, 0, 0, n * C - L))                             # (B, n C, D)
-        chunks = self.encoder(emb.view(B, n, C, -1))                                  # (B, n, D)
-        S = self.inject_queries.size(0)
-        q = self.inject_queries.expand(B, S, -1).to(chunks.dtype)
-        mask = torch.ones(S, n, dtype=torch.bool, device=tokens.device)
-        return q + self.inject_pool(q, self.inject_pool.project(chunks)[:, None].expand(B, S, n, -1), mask)
+        """tokens (B, L), L <= max_seq_len -> memory (B, L, D): one slot per token of the block, its embedding plus
+        an embedding of its distance from the block's end, normed. Per-token slots let the readers copy and match
+        exact tokens (a pooled summary could not); the cross-attention K/V are projected from them once."""
+        from_end = torch.arange(tokens.size(1) - 1, -1, -1, device=tokens.device)
+        return self.inject_norm(embed(tokens) + self.inject_pos(from_end))
 
-    def _inject(self, x, slots, injections):
-        if injections is None:
+    def project_injection(self, memory, anchors):
+        """memory (B|1, S, D), anchors (S,) or (B, S) -> ProjectedInjection: the K/V of the global model's and of
+        every local layer's injection cross-attention, computed once per injection."""
+        local_kv = torch.stack([b.inject_xattn.project(memory) for b in self.local.blocks], 1)
+        return ProjectedInjection(anchors, self.inject_xattn.project(memory), local_kv)
+
+    def forward(self, idx, embed, cache=None, start_pos=0, injections=None, **global_kwargs):
+        """As core.ChunkHierarchy.forward; injections (memory, anchors) are projected here, once per cache."""
+        if injections is not None:
+            if cache is None:
+                injections = self.project_injection(*injections)
+            else:
+                if start_pos == 0 or cache.injection is None:
+                    cache.injection = self.project_injection(*injections)
+                injections = cache.injection
+        elif cache is not None and start_pos == 0:
+            cache.injection = None
+        return super().forward(idx, embed, cache, start_pos, injections, **global_kwargs)
+
+    def _inject(self, x, slots, injection):
+        if injection is None:
             return x
         B = x.size(0)
-        memory, anchors = injections                                              # (B|1, S, D), (S,)
-        kv = self.inject_xattn.project(memory).expand(B, -1, -1)                  # (B, S, 2D)
-        # anchor mask: (N, S), or (B, N, S) for per-row anchors (B, S) (training's injection dropout)
-        mask = slots[:, None] >= anchors[None] if anchors.dim() == 1 else slots[:, None] >= anchors[:, None]
+        kv = injection.global_kv.expand(B, -1, -1)                                # (B, S, 2D)
+        mask = injection.visible(slots)                                           # (N, S) or (B, N, S)
         update = self.inject_xattn(self.inject_ln(x), kv[:, None].expand(B, x.size(1), -1, -1), mask)
         return x + torch.tanh(self.inject_gate) * update
 
-    def _local_full(self, stream, g):
-        return self.local(stream, g, self.local.project_memory(g))
+    def _local_full(self, stream, g, injection=None):
+        return self.local(stream, g, self.local.project_memory(g), injection=injection)
 
     def _store_context(self, cache, lo, hi, g):
         super()._store_context(cache, lo, hi, g)
         cache.cross_kv[:, :, lo:hi] = self.local.project_memory(g)     # projected once per global slot
 
-    def _local_cached(self, stream, cache, first, end):
-        return self.local(stream, cache.context, cache.cross_kv, cache.layers, first)
+    def _local_cached(self, stream, cache, first, end, injection=None):
+        return self.local(stream, cache.context, cache.cross_kv, cache.layers, first, injection)
 
 
 def check_anchor(anchor, max_seq_len, chunk_size, spine_only=True):
@@ -208,47 +256,16 @@ def check_anchor(anchor, max_seq_len, chunk_size, spine_only=True):
         raise core.UsageError(f"injection anchor {anchor} is not a spine position; use one of {spine}")
 
 
-class _LogSumExpAndPick(torch.autograd.Function):
-    """(logits (N, V) fp32, index (N,)) -> (logsumexp (N,), logits[n, index[n]] (N,)), with a backward that
-    writes softmax * g_lse + onehot * g_pick in one buffer: a cross-entropy and a KL share one pass over V,
-    where autograd's logsumexp + gather would allocate, fill and add three (B, T, V) tensors."""
-
-    @staticmethod
-    def forward(ctx, logits, index):
-        lse = torch.logsumexp(logits, -1)
-        ctx.save_for_backward(logits, index, lse)
-        return lse, logits.gather(-1, index[:, None])[:, 0]
-
-    @staticmethod
-    def backward(ctx, g_lse, g_pick):
-        logits, index, lse = ctx.saved_tensors
-        grad = torch.sub(logits, lse[:, None]).exp_().mul_(g_lse[:, None])
-        grad.scatter_add_(1, index[:, None], g_pick[:, None])
-        return grad, None
-
-
-def _offset_terms(z, unembed, target, expected_row, neg_entropy, ce_weight, kl_weight):
-    """Weighted sums of the CE of rows z (N, D) against target (N,) and of KL(main || offset), over rows with a
-    target. With logits = z W^T and p the main head's distribution, sum_v p_v log q_v = z . (p W) - logsumexp(z W^T),
-    so the KL needs the expected unembedding row p W (computed once, outside) instead of a second pass over V."""
-    logits = F.linear(z, unembed).float()                                              # (N, V)
-    lse, target_logit = _LogSumExpAndPick.apply(logits, target.clamp_min(0))          # (N,), (N,)
-    valid = target >= 0
-    ce = ((lse - target_logit) * valid * ce_weight).sum()
-    cross = (z.float() * expected_row).sum(-1) - lse                                   # sum_v p_v log q_v
-    kl = ((neg_entropy - cross) * valid * kl_weight).sum()
-    return ce, kl
-
-
 def hierarchical_predictive_loss(logits, targets, horizon_hidden, unembed, beta=0.3, gamma=0.8, consistency=0.1,
                                  sample=False):
     """v6's training objective, the HierarchicalPredictiveLoss:
     (CE_main + sum_k lambda_k CE_k) / (1 + sum_k lambda_k) + consistency * mean_k KL(sg(p_main[t+k-1]) || q_k[t]),
     lambda_k = beta * gamma^(k-2) for offsets k = 2..H. The CE part is a weighted mean, so the objective starts near
     ln V; the consistency term pulls offset k at t toward the main head's later prediction of the same token.
-    Targets of -1 are ignored everywhere; offset logits are recomputed in the backward pass, so no [B, T, H, V]
-    tensor exists. sample=True (training) reads each offset out at a random 1/(H-1) of the positions, all offsets
-    in one matmul: the unbiased estimate of core.horizon_loss, for the CE and the KL alike.
+    Targets of -1 are ignored everywhere; the offsets' logits go through core.linear_lse_loss in row chunks, so no
+    [B, T, V] offset logits exist, let alone [B, T, H, V]. sample=True (training) reads each offset out at a random
+    1/(H-1) of the positions, all offsets in one pass over the unembedding: the unbiased estimate of
+    core.horizon_loss, for the CE and the KL alike. aux's horizon and consistency are values (no gradient).
     -> (loss, {"lm", "horizon", "consistency"})."""
     if horizon_hidden is None:
         aux = {"lm": core.lm_loss(logits, targets)}
@@ -262,35 +279,29 @@ def hierarchical_predictive_loss(logits, targets, horizon_hidden, unembed, beta=
     expected_row = p @ unembed.float()                  # (B, T, D); the unembedding gets its KL gradient through it
     B, T, n_off, D = horizon_hidden.shape
     N = B * T
-    lams = [beta * gamma ** j for j in range(n_off)]                # lambda_k, offsets k = j + 2
-    n = -(-N // n_off) if sample else N
-    parts = []                                                       # per offset: (z, target, row, neg_h, w_ce, w_kl)
-    for j in range(n_off):
-        k = j + 2
-        target = core.horizon_targets(targets, k).reshape(N)
-        # main head at t+k-1 predicts the same token as offset k at t; pad the shifted rows (masked anyway)
-        row = F.pad(expected_row[:, k - 1:], (0, 0, 0, k - 1)).reshape(N, D)
-        neg_h = F.pad(neg_entropy[:, k - 1:], (0, k - 1)).reshape(N)
-        z = horizon_hidden[:, :, j].reshape(N, D)
-        rows = core.sample_rows(N, n, z.device)
-        if rows is not None:
-            z, target_rows, row, neg_h = z[rows], target[rows], row[rows], neg_h[rows]
-        else:
-            target_rows = target
-        scale = (N / z.size(0)) / (target >= 0).sum().clamp_min(1)   # unbiased mean over positions with a target
-        ones = torch.ones(z.size(0), device=z.device)
-        parts.append((z, target_rows, row, neg_h, ones * (lams[j] * scale), ones * scale))
-    # sampled: all offsets' rows in one pass over the unembedding; full: one offset at a time (one (N, V) alive)
-    batches = [tuple(torch.cat(x) for x in zip(*parts))] if sample else parts
-    ce_sum, kl_sum = 0.0, 0.0
-    for z, target_rows, row, neg_h, w_ce, w_kl in batches:
-        ce, kl = torch.utils.checkpoint.checkpoint(_offset_terms, z, unembed, target_rows, row, neg_h, w_ce, w_kl,
-                                                   use_reentrant=False)
-        ce_sum, kl_sum = ce_sum + ce, kl_sum + kl
-    lam_sum = sum(lams)
-    aux["horizon"] = ce_sum / lam_sum
-    aux["consistency"] = kl_sum / n_off
-    loss = (aux["lm"] + ce_sum) / (1 + lam_sum) + consistency * aux["consistency"]
+    lams = beta * gamma ** torch.arange(n_off, device=logits.device, dtype=torch.float32)  # lambda_k, k = j + 2
+    lam_sum = lams.sum()
+    rows = core.offset_rows(N, n_off, logits.device, 1.0 if sample else None)         # (n_off, n)
+    k = torch.arange(n_off, device=logits.device)[:, None]
+    target_all = core.offset_targets(targets, n_off)                                   # (N, n_off)
+    target = target_all[rows, k]                                                       # (n_off, n)
+    # the main head at t+k-1 predicts the same token as offset k at t: shifted rows, padded (masked anyway)
+    row = torch.stack([F.pad(expected_row[:, j + 1:], (0, 0, 0, j + 1)) for j in range(n_off)], 2)
+    neg_h = torch.stack([F.pad(neg_entropy[:, j + 1:], (0, j + 1)) for j in range(n_off)], 2)
+    row, neg_h = row.reshape(N, n_off, D)[rows, k], neg_h.reshape(N, n_off)[rows, k]  # (n_off, n, D), (n_off, n)
+    z = horizon_hidden.reshape(N, n_off, D)[rows, k]                                   # (n_off, n, D)
+    # per row: 1 / #targets of its offset (counted on the full window), times N / n for a sampled row: unbiased
+    w = ((N / rows.size(1)) / (target_all >= 0).sum(0).clamp_min(1))[:, None] * (target >= 0)   # (n_off, n)
+    # CE_k = lse - pick and KL_k = neg_h - z . row + lse share one pass over V (core.linear_lse_loss)
+    a = (lams[:, None] * w / (1 + lam_sum) + consistency * w / n_off).reshape(-1)
+    b = (lams[:, None] * w / (1 + lam_sum)).reshape(-1)
+    total, lse, pick, _ = core.linear_lse_loss(z.reshape(-1, D), unembed, target.clamp_min(0).reshape(-1), a, b)
+    kl_rest = w * (neg_h - (z.float() * row).sum(-1))                                 # the KL's part outside V
+    loss = aux["lm"] / (1 + lam_sum) + total + consistency * kl_rest.sum() / n_off
+    with torch.no_grad():
+        lse, pick = lse.view(n_off, -1), pick.view(n_off, -1)
+        aux["horizon"] = (lams[:, None] * w * (lse - pick)).sum() / lam_sum
+        aux["consistency"] = (kl_rest + w * lse).sum() / n_off
     return loss, aux
 
 
@@ -303,15 +314,18 @@ class ChunkInjectionConfig(core.SpineConfig):
     chunk_size: int = 8               # chunk mode: tokens per chunk
     n_local_layers: int = 2           # chunk mode: local decoder layers (n_layers is the global model)
     cross_window: int = 4             # chunk mode: global outputs g_{c-w+1..c} the local decoder cross-attends to
-    n_inject_slots: int = 4           # chunk mode: memory slots per injected block
-    inject_train_prob: float = 0.5    # chunk mode training: share of rows that get an injection (0 = none)
+    inject_train_prob: float = 0.5    # chunk mode training: share of rows given their preceding passage (0: none)
     inject_spine_only: bool = True    # injection anchors must be spine positions
+    spine_attention_blocks: int = 1   # blocks of causal spine attention between bottom and top (0: none)
+    spine_window: int = 4             # every spine-attention head also reads the keys at distance < spine_window
     modes: ClassVar[tuple] = ("token", "chunk")
 
     def __post_init__(self):
         super().__post_init__()
-        if min(self.chunk_size, self.n_local_layers, self.cross_window, self.n_inject_slots) < 1:
-            raise core.UsageError("chunk_size, n_local_layers, cross_window and n_inject_slots must be positive")
+        if min(self.chunk_size, self.n_local_layers, self.cross_window, self.spine_window) < 1:
+            raise core.UsageError("chunk_size, n_local_layers, cross_window and spine_window must be positive")
+        if self.spine_attention_blocks < 0:
+            raise core.UsageError(f"spine_attention_blocks={self.spine_attention_blocks} must be >= 0")
         if not 0.0 <= self.inject_train_prob <= 1.0:
             raise core.UsageError(f"inject_train_prob={self.inject_train_prob} must lie in [0, 1]")
 
@@ -334,15 +348,17 @@ class Model(core.LM):
         n_top = c.n_layers - c.n_bottom_layers
         self.wte = nn.Embedding(c.vocab_size, c.d_model)
         self.drop = nn.Dropout(c.dropout)
+        spine = dict(spine_blocks=c.spine_attention_blocks, spine_window=c.spine_window)
         if c.mode == "token":
             self.wpe = nn.Embedding(c.max_seq_len, c.d_model)
             self.trunk = core.SpineTrunk(c.d_model, c.n_heads, c.n_bottom_layers, n_top, c.max_seq_len, c.bias,
-                                         c.dropout)
+                                         c.dropout, **spine)
         else:
             n_slots = c.max_seq_len // c.chunk_size + 1
-            trunk = core.SpineTrunk(c.d_model, c.n_heads, c.n_bottom_layers, n_top, n_slots, c.bias, c.dropout)
+            trunk = core.SpineTrunk(c.d_model, c.n_heads, c.n_bottom_layers, n_top, n_slots, c.bias, c.dropout,
+                                    **spine)
             self.chunk = CrossAttentionChunkDecoder(trunk, c.d_model, c.n_heads, c.n_local_layers, c.chunk_size,
-                                                    c.max_seq_len, c.cross_window, c.n_inject_slots, c.bias,
+                                                    c.max_seq_len, c.cross_window, c.bias,
                                                     c.dropout)
         self.ln_f = core.LayerNorm(c.d_model, c.bias)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
@@ -350,7 +366,7 @@ class Model(core.LM):
         self.horizon = self.build_horizon(c)
         self._injections = None
         self.apply(core.init_weights)  # zero-initialised gates and heads are plain Parameters: init_weights skips them
-        core.scale_residual_projections(self, c.n_layers)
+        core.scale_residual_projections(self, c.n_layers + c.spine_attention_blocks)
 
     def build_horizon(self, c):
         """Offsets 2..horizon: h (B, T, D) -> (B, T, H-1, D), read through the tied unembedding."""
@@ -362,23 +378,29 @@ class Model(core.LM):
                                             c.horizon_gamma, c.consistency_weight,
                                             sample=self.training and c.horizon_sampling)
 
-    def forward(self, idx, targets=None, cache=None, start_pos=0, injections=None):
+    def forward(self, idx, targets=None, cache=None, start_pos=0, injections=None, context=None):
+        """context (B, L): training only, a neighbouring passage of each window (train.py hands the max_seq_len
+        tokens before it); a random share inject_train_prob of the rows gets it injected (_training_injection)."""
         c = self.config
         B, T = idx.shape
         core.check_context(c, start_pos, T)
+        if context is not None and not self.training:
+            raise core.UsageError("context= is the training signal of injection; at inference inject with "
+                                  "injections=[(model.encode_injection(tokens), anchor)] or `with model.inject(...)`")
         if c.mode == "token":
-            if injections:
+            if injections or context is not None:
                 raise core.UsageError("context injection needs mode='chunk' (it anchors at chunk indices)")
             pos = torch.arange(start_pos, start_pos + T, device=idx.device)
             x = self.drop(self.wte(idx) + self.wpe(pos))                              # (B, T, D)
-            h, exit_loss, exit_depth = self.trunk(x, cache, start_pos, c.exit_threshold)    # (B, T, D)
+            h, exit_loss, exit_depth = self.trunk(x, cache, start_pos, c.exit_threshold, self.head_logits,
+                                                  targets)                                    # (B, T, D)
         else:
             inj = self._stack_injections(injections) if injections else self._injections
-            if inj is None and self.training and targets is not None:
-                inj = self._training_injection(idx)
+            if inj is None and context is not None:
+                inj = self._training_injection(context, T)
             # chunk encoder -> global trunk over slots (+ injection) -> local decoder; exits are per global slot
             h, rest = self.chunk(idx, lambda ids: self.drop(self.wte(ids)), cache, start_pos, inj,
-                                 exit_threshold=c.exit_threshold)                     # (B, T, D)
+                                 exit_threshold=c.exit_threshold, readout=self.head_logits)  # (B, T, D)
             exit_loss, exit_depth = None if rest is None else rest[0], None
         h = self.ln_f(h)
         logits = self.lm_head(h)                                                      # (B, T, V)
@@ -394,10 +416,14 @@ class Model(core.LM):
 
     # ---- context injection (chunk mode)
     def encode_injection(self, tokens):
-        """tokens (L,) or (B, L) -> memory (B, n_inject_slots, D)."""
-        if self.config.mode != "chunk":
+        """tokens (L,) or (B, L), 1 <= L <= max_seq_len -> memory (B, ceil(L / chunk_size), D)."""
+        c = self.config
+        if c.mode != "chunk":
             raise core.UsageError("context injection needs mode='chunk' (it anchors at chunk indices)")
         tokens = tokens[None] if tokens.dim() == 1 else tokens
+        if not 1 <= tokens.size(1) <= c.max_seq_len:
+            raise core.UsageError(f"an injected block holds {tokens.size(1)} tokens; it needs 1 to max_seq_len="
+                                  f"{c.max_seq_len} (split a longer text into several blocks at several anchors)")
         return self.chunk.encode_injection(self.wte, tokens)
 
     def _stack_injections(self, injections):
@@ -424,26 +450,28 @@ class Model(core.LM):
         finally:
             self._injections = previous
 
-    def _training_injection(self, idx):
-        """Injection from the same document: the window's first `anchor` chunks, encoded as a block and injected at
-        the largest spine anchor <= half the window's chunks, for a random share inject_train_prob of the rows
-        (injection dropout); the other rows get an anchor past the last slot, so they see nothing. Tokens before
-        the anchor's chunk are in every later chunk's causal past already, so the model cannot copy the future."""
+    @property
+    def train_context_len(self):
+        """Tokens of neighbouring passage each training window wants (train.py's loader hands them): max_seq_len in
+        chunk mode with inject_train_prob > 0, else 0."""
         c = self.config
-        B, T = idx.shape
-        spine = [s for s in core.spine_positions(T // c.chunk_size // 2 + 1) if s >= 1]
-        if not spine or c.inject_train_prob <= 0:
-            return None
-        anchor = spine[-1]
-        memory = self.chunk.encode_injection(self.wte, idx[:, :anchor * c.chunk_size])   # (B, m, D)
-        keep = torch.rand(B, 1, device=idx.device) < c.inject_train_prob
+        return c.max_seq_len if c.mode == "chunk" and c.inject_train_prob > 0 else 0
+
+    def _training_injection(self, context, T):
+        """context (B, L): a passage from outside each window (the tokens before it), i.e. information the window
+        lacks, encoded as a block and injected at a random spine anchor in the window's first half, for a random
+        share inject_train_prob of the rows (injection dropout keeps the unconditioned model intact); the other
+        rows get an anchor past the last slot, so they see nothing."""
+        c = self.config
+        B = context.size(0)
+        memory = self.chunk.encode_injection(self.wte, context)                     # (B, m, D)
+        spine = torch.tensor(core.spine_positions(T // c.chunk_size // 2 + 1), device=context.device)
+        anchor = spine[torch.randint(len(spine), (B, 1), device=context.device)]     # (B, 1)
+        keep = torch.rand(B, 1, device=context.device) < c.inject_train_prob
         anchors = torch.where(keep, anchor, self.chunk.n_slots).expand(B, memory.size(1))  # (B, m)
         return memory, anchors
 
     # ---- decoding
-    def draft(self, seq, k, prev_out, prev_index):
-        return core.horizon_draft(seq, k, prev_out, prev_index, self.wte.weight)
-
     def speculative_stats(self, idx, max_new_tokens, temperature=0.0, draft_len=4, **kw):
         """Tokens per model call, acceptance per draft head, and the speed-up over plain cached decoding."""
         return generate.speculative_stats(self, idx, max_new_tokens, temperature, draft_len, **kw)
@@ -452,41 +480,6 @@ class Model(core.LM):
         """The original v6 name for lossless speculative generation (drafts from the horizon heads)."""
         return self.generate(idx, max_new_tokens, temperature=temperature, speculative=True, draft_len=draft_len,
                              **kw)
-
-    def flops_per_token(self):
-        """Analytic training FLOPs per token (3x the forward matmul FLOPs) of this model at T = max_seq_len:
-        per block 24 D^2 (qkv, proj, 4x MLP) + 4 D x keys read; exit heads 2 D; the lattice 2 x its weights x
-        ancestors for each spine row, amortised over the axis; the tied unembedding 2 D V per offset plus each horizon
-        weight once; chunk mode adds the chunk encoder (2 D^2 per token), the local decoder (+ cross-attention
-        4 D^2, its K/V 4 D^2 per slot, 4 D per window key), and the global trunk divided by chunk_size; training
-        injection adds its share of rows times the block encoding and the gated cross-attention."""
-        c = self.config
-        D, V, T = c.d_model, c.vocab_size, c.max_seq_len
-
-        def trunk(tr, n_axis):
-            n = len(tr.bottom) + len(tr.top)
-            f = n * (24 * D * D + 4 * n_axis * D) + 2 * D * len(tr.exit_heads)
-            if tr.lattice is not None:
-                lat = tr.lattice
-                rows = len(lat.spine) - 3
-                f += 2 * sum(p.numel() for p in lat.parameters()) * lat.n_ancestors * rows / n_axis
-            return f
-
-        horizon = 0 if self.horizon is None else c.horizon - 1
-        heads = 2 * D * V * (1 + horizon) + (0 if self.horizon is None else
-                                            2 * sum(p.numel() for p in self.horizon.parameters()))
-        if c.mode == "token":
-            return 3 * (trunk(self.trunk, T) + heads)
-        C, L, w = c.chunk_size, c.n_local_layers, c.cross_window
-        n_slots = T // C + 1
-        local = 2 * D * D + L * (2 * 14 * D * D + 4 * C * D + 4 * w * D + 4 * D * D / C)
-        fwd = trunk(self.chunk.global_model, n_slots) / C + 2 * D * D + local + heads
-        if c.inject_train_prob > 0:
-            spine = [s for s in core.spine_positions(T // C // 2 + 1) if s >= 1]
-            if spine:
-                block = spine[-1] * C / T                   # block tokens per window token
-                fwd += c.inject_train_prob * (block * 2 * D * D + 8 * D * D / C)
-        return 3 * fwd
 
 
 def selftest(module, name):

@@ -29,12 +29,14 @@ What it combines, bottom to top:
 - Feedback loop: two fixed GRU refinement steps per token, input anchored to LN(x_t), zero-initialised
   output, so it starts as the identity and never mixes positions.
 - Horizon head: offsets k = 2..H as rank-r adapters h + U_k V_k^T LN(h) (LoRA-style, Hu et al. 2021) read by the
-  tied head, at every position (offsets >= 2 train on a random `horizon_sample` share of positions, a static
-  count, one offset's logits alive at a time); an uncertainty u_{t,k} = softplus(MLP(LN h_t)) regresses the
+  tied head, at every position (in training, offsets >= 2 are scored at fresh random positions, about
+  `horizon_sample` heads' worth of rows for all offsets together, in one readout call); an uncertainty u_{t,k} = softplus(MLP(LN h_t)) regresses the
   realised loss of offset k, and Output.acceptance = sigmoid(a_k + logit(exp(-s_k u_k))) turns it into the
   probability that offset k's draft passes greedy verification (a_k, s_k fitted by BCE: Platt scaling that starts
-  at exp(-u)). Each speculative round drafts the length that maximises the expected tokens per verification cost
-  (best_draft_length); drafts are verified losslessly (Leviathan et al. 2023; Chen et al. 2023).
+  at exp(-u)). Speculative decoding (generate.plan_drafts) reads that acceptance, corrected by the acceptance its
+  drafts realise in the same generation, to draft the length that maximises the expected tokens per verification
+  cost (best_draft_length), from the heads or prompt lookup, or nothing; drafts are verified losslessly
+  (Leviathan et al. 2023; Chen et al. 2023).
 
 What it does differently from the original, and why:
 - Everything is causal (the original Hebbian layer summed over future tokens), training = decoding (the Hebbian
@@ -46,9 +48,7 @@ What it does differently from the original, and why:
   trained at every position on aligned targets (the original trained offsets 1..4 from the last position on
   tokens it had already seen, and its loss pushed the uncertainty to zero whatever the error).
 - Small liberties, each for a stated reason: the Hebbian write strength beta reads LN(x) like q, k, v (pre-norm
-  everywhere); the uncertainty probe reads a detached h, so predicting the loss never reshapes the trunk;
-  when no draft pays for its verification, `draft` falls back to prompt lookup (free to find, still verified
-  losslessly).
+  everywhere); the uncertainty probe reads a detached h, so predicting the loss never reshapes the trunk.
 - No document-id masking: this repo trains every model on nanoGPT-style windows without document
   ids, so attention, fast weights and horizon targets run across <|endoftext|> like every other model here.
 
@@ -170,6 +170,56 @@ class BallLogits(torch.autograd.Function):
             torch.div(grad, grad_half_q, out=grad_half_q)
             grad_half_q = grad_half_q.masked_fill_(a <= _A_FLOOR, 0.0).mul_(-k)
         return grad_half_q, grad_bias, grad_k
+
+
+class BallLogSumExp(torch.autograd.Function):
+    """(rows (N, D+2), cols (V, D+2), bias (V,), k ()) with logits = bias - k asinh(sqrt(max(rows cols^T, floor))),
+    as BallLogits, -> (sum_r a_r lse_r - b_r logits[r, index_r], lse, pick, argmax), a chunk of rows at a time
+    with each chunk's gradients taken at once (core.linear_lse_loss's scheme for the distance head): the (N, V)
+    tensors are never materialised, and the element-wise passes run on a chunk that stays in cache."""
+
+    @staticmethod
+    def forward(ctx, rows, cols, bias, k, index, a, b, chunk, grad_enabled):
+        b = a if b is None else b
+        need = [grad_enabled and ctx.needs_input_grad[i] for i in range(4)]
+        total = torch.zeros((), device=rows.device)
+        lse, pick, argmax = [], [], []
+        g_rows = torch.empty_like(rows) if need[0] else None
+        g_cols = torch.zeros_like(cols) if need[1] else None
+        g_bias = torch.zeros_like(bias) if need[2] else None
+        g_k = torch.zeros_like(k) if need[3] else None
+        for lo in range(0, rows.size(0), chunk):
+            rc, ic, ac, bc = rows[lo:lo + chunk], index[lo:lo + chunk, None], a[lo:lo + chunk], b[lo:lo + chunk]
+            dist = (rc @ cols.t()).clamp_min_(HALF_Q_FLOOR).sqrt_().asinh_()          # (chunk, V)
+            logits = torch.addcmul(bias, dist, -k)
+            lse_c = torch.logsumexp(logits, -1)
+            pick_c = logits.gather(1, ic)[:, 0]
+            argmax.append(logits.argmax(-1))
+            lse.append(lse_c)
+            pick.append(pick_c)
+            total = total + (ac * lse_c - bc * pick_c).sum()
+            if any(need):
+                g = logits.sub_(lse_c[:, None]).exp_().mul_(ac[:, None])              # d total / d logits
+                g.scatter_add_(1, ic, -bc[:, None])
+                if need[2]:
+                    g_bias += g.sum(0)
+                if need[3]:
+                    g_k -= (g * dist).sum()
+                if need[0] or need[1]:  # d dist / d q = 1 / sinh(2 dist), zero where the floor holds
+                    g = g.div_((2 * dist).sinh_()).masked_fill_(dist <= _A_FLOOR, 0.0).mul_(-k)
+                    if need[0]:
+                        g_rows[lo:lo + chunk] = g @ cols
+                    if need[1]:
+                        g_cols.addmm_(g.t(), rc)
+        ctx.save_for_backward(g_rows, g_cols, g_bias, g_k)
+        lse, pick, argmax = torch.cat(lse), torch.cat(pick), torch.cat(argmax)
+        ctx.mark_non_differentiable(lse, pick, argmax)
+        return total, lse, pick, argmax
+
+    @staticmethod
+    def backward(ctx, g_total, *_):
+        grads = tuple(None if g is None else g * g_total for g in ctx.saved_tensors)
+        return grads + (None,) * 5
 
 
 def poincare_distance_matrix(x, y, c=1.0, gap_x=None, gap_y=None):
@@ -639,7 +689,7 @@ class Config(core.Config):
     horizon_rank: int = 64            # rank of the per-offset adapters U_k V_k^T (capped at d_model)
     horizon_weight: float = 0.5       # lambda_h
     horizon_gamma: float = 0.95       # w_k proportional to gamma^k
-    horizon_sample: float = 0.25      # share of positions (a static count) that train offsets >= 2
+    horizon_sample: float = 1.0       # training rows of offsets >= 2, all together, in heads' worth (1: one head's)
     draft_cost: float = 0.05          # verifying k drafts costs ~ 1 + draft_cost * k one-token steps (CPU, d 128)
 
     def __post_init__(self):
@@ -652,8 +702,9 @@ class Config(core.Config):
                 raise core.UsageError(f"{name}={getattr(self, name)} must be >= 1")
         if self.lattice_top_k > self.lattice_paths:
             raise core.UsageError(f"lattice_top_k={self.lattice_top_k} exceeds lattice_paths={self.lattice_paths}")
-        if not 0.0 < self.horizon_sample <= 1.0:
-            raise core.UsageError(f"horizon_sample={self.horizon_sample} must lie in (0, 1]")
+        if not 0.0 < self.horizon_sample <= max(1, self.horizon - 1):
+            raise core.UsageError(f"horizon_sample={self.horizon_sample} must lie in (0, horizon - 1]: the heads' "
+                                  f"worth of rows shared by offsets 2..horizon (horizon - 1 reads every row)")
         if self.curvature <= 0:
             raise core.UsageError(f"curvature={self.curvature} must be positive")
         if self.draft_cost < 0:
@@ -757,10 +808,30 @@ class Model(core.LM):
                 logits = BallLogits.apply(half_q, self.hyper_bias.float(), inv_temp * (2 / math.sqrt(c)))
         return logits.reshape(*z.shape[:-1], -1)
 
+    def readout_lse(self, z, index, a, table=None):
+        """Normed states z (N, D) -> (sum_r a_r CE(readout(z_r), index_r), lse, pick, argmax), the readout's logits
+        taken a chunk of rows at a time (never (N, V) at once): core.linear_lse_loss for the dot-product head,
+        BallLogSumExp for the distance head."""
+        if not self.config.hyperbolic_head:
+            return core.linear_lse_loss(z * self.logit_scale, self.wte.weight if table is None else table, index, a)
+        c = self.config.curvature
+        with torch.autocast(z.device.type, enabled=False):
+            tangent = self.hyper_proj(z.float())
+            rows = ball_rows(exp0(tangent, c), c, exp0_gap(tangent, c))                      # (N, D+2) fp32
+            k = self.hyper_log_inv_temp.float().exp() * (2 / math.sqrt(c))
+            cols = self.head_table() if table is None else table
+            return BallLogSumExp.apply(rows, cols, self.hyper_bias.float(), k, index, a.float(), None,
+                                       max(16, (1 << 23) // cols.size(0)), torch.is_grad_enabled())
+
     def horizon_states(self, h):
         """h (B, T, D) pre-LN_f -> LN_f(h + U_k V_k^T LN(h)) for offsets 2..H: (B, T, H-1, D)."""
         low = torch.einsum("btd,kdr->btkr", self.horizon_ln(h), self.horizon_down)
         return self.ln_f(h[:, :, None] + torch.einsum("btkr,krd->btkd", low, self.horizon_up))
+
+    def offset_states(self, h):
+        """h (H-1, n, D) pre-LN_f, offset k's rows in row k - 2 -> their states (H-1, n, D), as horizon_states."""
+        low = torch.einsum("knd,kdr->knr", self.horizon_ln(h), self.horizon_down)
+        return self.ln_f(h + torch.einsum("knr,krd->knd", low, self.horizon_up))
 
     def predicted_loss(self, h):
         """u (B, T, H) = softplus(MLP(LN h)) in fp32. It reads a detached h: the probe learns to predict the
@@ -777,11 +848,11 @@ class Model(core.LM):
         return self.acceptance_shift.float() - su - torch.log(-torch.expm1(-su))
 
     def _offset_ce(self, z, target, table=None, agree=None):
-        """Per-position CE (B, n) of one offset's states; 0 where the target is -1. With agree (B, n): also
-        1[argmax == agree] (no gradient). Checkpointed by the caller, so one offset's (B, n, V) logits live at a
-        time (never [B, T, H, V])."""
+        """Per-row CE (target's shape) of states z (*target.shape, D); 0 where the target is -1. With agree: also
+        1[argmax == agree] (no gradient). Checkpointed by the caller, so only one call's logits live at a time
+        (never [B, T, H, V])."""
         logits = self.readout(z, table).float()
-        ce = F.cross_entropy(logits.flatten(0, 1), target.reshape(-1), ignore_index=-1,
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-1,
                              reduction="none").reshape(target.shape)
         if agree is None:
             return ce
@@ -848,31 +919,36 @@ class Model(core.LM):
         states = None
         loss = aux["lm"]
         if c.horizon > 1:
-            n = max(1, round(c.horizon_sample * T)) if self.training else T
-            pos = torch.randperm(T, device=logits.device)[:n] if n < T else None
-            hs = h if pos is None else h[:, pos]
-            states = self.horizon_states(hs)                                      # (B, n, H-1, D)
-            horizon, norm = 0.0, 0.0
-            for j in range(c.horizon - 1):
-                offset = j + 2
-                target = core.horizon_targets(targets, offset)
-                agree = core.horizon_targets(main_pred, offset)                  # main argmax at t + k - 1
-                if pos is not None:
-                    target, agree = target[:, pos], agree[:, pos]
-                ce, hit = torch.utils.checkpoint.checkpoint(self._offset_ce, states[:, :, j], target, table, agree,
-                                                            use_reentrant=False)
-                valid = target >= 0
-                weight = c.horizon_gamma ** offset
-                horizon = horizon + weight * ce.sum() / valid.sum().clamp_min(1)
-                norm += weight
-                u_k = u[..., offset - 1] if pos is None else u[:, pos, offset - 1]
-                unc_sum = unc_sum + F.huber_loss(u_k, ce.detach(), reduction="none").mul(valid).sum()
-                unc_count = unc_count + valid.sum()
-                a_k = acc_logits[..., offset - 1] if pos is None else acc_logits[:, pos, offset - 1]
-                acc_sum = acc_sum + bce(a_k, hit).mul(valid).sum()
-            aux["horizon"] = horizon / norm
-            loss = (loss + c.horizon_weight * aux["horizon"]) / (1 + c.horizon_weight)
-            states = states if pos is None else None   # a subset of positions is no drafting state
+            # offsets 2..H are scored at rows (n_off, n) of the B*T positions: in training a fresh random subset
+            # per offset, about horizon_sample heads' worth of rows in all (every row in eval), all through one
+            # chunked readout pass (readout_lse), so no (rows, V) tensor is kept. Sums over drawn rows are scaled
+            # by N / n and divided by counts over the full window: unbiased estimates of the full sums.
+            N, n_off = B * T, c.horizon - 1
+            rows = core.offset_rows(N, n_off, logits.device, c.horizon_sample if self.training else None)
+            n = rows.size(1)
+            k = torch.arange(n_off, device=logits.device)[:, None]
+            target_all = core.offset_targets(targets, n_off)                       # (N, n_off)
+            target, agree = target_all[rows, k], core.offset_targets(main_pred, n_off)[rows, k]  # (n_off, n)
+            states = self.offset_states(h.reshape(N, -1)[rows])                    # (n_off, n, D)
+            valid = target >= 0
+            scale = N / n
+            counts = (target_all >= 0).sum(0).clamp_min(1)                          # (n_off,) on the full window
+            weight = c.horizon_gamma ** torch.arange(2, c.horizon + 1, device=logits.device, dtype=torch.float32)
+            # the offsets' part of the loss is one weighted sum of row CEs, taken in one chunked pass over V
+            coef = (c.horizon_weight / (1 + c.horizon_weight) * weight / weight.sum() * scale / counts)[:, None] * valid
+            total, lse, pick, argmax = self.readout_lse(states.reshape(-1, states.size(-1)),
+                                                        target.clamp_min(0).reshape(-1), coef.reshape(-1), table)
+            ce = ((lse - pick).view(n_off, n) * valid).detach()                     # (n_off, n)
+            hit = (argmax.view(n_off, n) == agree).float()
+            aux["horizon"] = (weight * scale * ce.sum(1) / counts).sum() / weight.sum()
+            loss = loss / (1 + c.horizon_weight) + total
+            u_k = u.reshape(N, -1)[:, 1:][rows, k]
+            a_k = acc_logits.reshape(N, -1)[:, 1:][rows, k]
+            unc_sum = unc_sum + scale * F.huber_loss(u_k, ce.detach(), reduction="none").mul(valid).sum()
+            acc_sum = acc_sum + scale * bce(a_k, hit).mul(valid).sum()
+            unc_count = unc_count + (target_all >= 0).sum()
+            # drafting reads every position's states; a training subset is none
+            states = None if self.training else states.reshape(n_off, B, T, -1).permute(1, 2, 0, 3)
         aux["uncertainty"] = unc_sum / unc_count.clamp_min(1)
         aux["acceptance"] = acc_sum / unc_count.clamp_min(1)
         aux["balance"], aux["router_z"] = balance, z_loss
@@ -898,19 +974,11 @@ class Model(core.LM):
         the Platt-scaled predicted loss)."""
         return out.acceptance[..., 1:]
 
-    @torch.no_grad()
-    def draft(self, seq, k, prev_out, prev_index):
-        """Greedy drafts from the horizon offsets at the last cached position (as core.horizon_draft), as many as
-        maximise the expected tokens per verification cost (best_draft_length, with draft_acceptance). When no
-        draft pays (or there is no previous output), prompt lookup proposes instead: its drafts cost nothing to
-        find, and verification keeps the output exact either way."""
-        k = min(k, self.config.horizon - 1)
-        if prev_out is None or prev_out.horizon_hidden is None or k <= 0:
-            return core.prompt_lookup_draft(seq, k)
-        n = core.best_draft_length(self.draft_acceptance(prev_out)[0, prev_index, :k], self.config.draft_cost)
-        if n == 0:
-            return core.prompt_lookup_draft(seq, k)
-        return self.readout(prev_out.horizon_hidden[0, prev_index, :n]).argmax(-1), None
+    def draft_logits(self, prev_out, prev_index, k):
+        """(k', V) logits of offsets 2..k'+1 at prev_index, through the model's own readout (the distance head)."""
+        if prev_out.horizon_hidden is None:
+            return None
+        return self.readout(prev_out.horizon_hidden[0, prev_index, :k])
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ data_dir = "data/fineweb-edu"  # shards from prepare_data.py (without them: data
 init_from = "scratch"         # "scratch" or "resume" (from out_dir/ckpt.pt, with its model settings and data)
 eval_interval = 250           # steps between val-loss evaluations; 0: none
 eval_iters = 20               # validation batches per evaluation (the first ones of the validation shard)
+exit_tolerance = 0.02         # early-exit models, end of training: exit_threshold calibrated so that exits cost at
+                              # most this many nats/token of val loss (core.calibrate_exit); 0 or --exit_threshold: keep
 log_interval = 10             # steps between log lines (step 1 is always logged, with its time and ETA)
 save_interval = 1000          # steps between checkpoints (one is also saved at the end and on Ctrl+C)
 # model
@@ -86,14 +88,18 @@ class ShardLoader:
 
     "random": each window starts at a uniformly random offset of a shard chosen in proportion to its size
     (nanoGPT); every rank draws from its own seeded generator. "sequential": windows are read in order,
-    rank r of w taking every w-th batch (llm.c). Both are resumable through state_dict()."""
+    rank r of w taking every w-th batch (llm.c). Both are resumable through state_dict().
+    context_len > 0 (a model that trains context injection): every window also comes with the context_len tokens
+    just before it in the shard stream, a passage the window lacks; windows then start at offset >= context_len."""
 
-    def __init__(self, paths, B, T, vocab_size, order, seed, rank=0, world=1):
+    def __init__(self, paths, B, T, vocab_size, order, seed, rank=0, world=1, context_len=0):
         self.shards = [load_shard(p) for p in paths]
         for path, shard in zip(paths, self.shards):
-            if len(shard) < T + 1:
+            if len(shard) < context_len + T + 1:
                 raise core.UsageError(f"shard {path} has {len(shard)} tokens, fewer than max_seq_len + 1 = "
-                                      f"{T + 1}; lower --max_seq_len or prepare more data")
+                                      f"{T + 1}" + (f" plus the {context_len} injected before each window"
+                                                    if context_len else "") +
+                                      "; lower --max_seq_len or prepare more data")
             top = int(shard.max())
             if top >= vocab_size:
                 raise core.UsageError(f"shard {path} holds token {top} >= vocab_size {vocab_size}; "
@@ -101,9 +107,10 @@ class ShardLoader:
         if order not in ("random", "sequential"):
             raise core.UsageError(f"data_order={order!r}: use 'random' or 'sequential'")
         self.B, self.T, self.order, self.rank, self.world = B, T, order, rank, world
-        self.sizes = torch.tensor([len(s) - T - 1 for s in self.shards], dtype=torch.float64)
+        self.context_len = L = context_len
+        self.sizes = torch.tensor([len(s) - T - 1 - L for s in self.shards], dtype=torch.float64)
         self.generator = torch.Generator().manual_seed(seed + rank)
-        self.shard, self.pos = 0, rank * B * T
+        self.shard, self.pos = 0, L + rank * B * T
 
     def state_dict(self):
         return {"generator": self.generator.get_state(), "shard": self.shard, "pos": self.pos}
@@ -112,23 +119,25 @@ class ShardLoader:
         self.generator.set_state(state["generator"])
         self.shard, self.pos = state["shard"], state["pos"]
         if self.shard >= len(self.shards):  # other shards than the checkpoint's: start them from the top
-            self.shard, self.pos = 0, self.rank * self.B * self.T
+            self.shard, self.pos = 0, self.context_len + self.rank * self.B * self.T
 
     def next_batch(self):
-        B, T = self.B, self.T
+        """-> (x, y), or (x, y, context) when context_len > 0: context (B, context_len) precedes each window."""
+        B, T, L = self.B, self.T, self.context_len
         if self.order == "random":
             shard_ids = torch.multinomial(self.sizes + 1, B, replacement=True, generator=self.generator)
             starts = (torch.rand(B, generator=self.generator, dtype=torch.float64)
-                      * (self.sizes[shard_ids] + 1)).long()
-            rows = [self.shards[s][o:o + T + 1] for s, o in zip(shard_ids.tolist(), starts.tolist())]
-            buf = torch.from_numpy(np.stack(rows).astype(np.int64))
+                      * (self.sizes[shard_ids] + 1)).long() + L
+            rows = [self.shards[s][o - L:o + T + 1] for s, o in zip(shard_ids.tolist(), starts.tolist())]
+            buf = torch.from_numpy(np.stack(rows).astype(np.int64))                   # (B, L + T + 1)
         else:
             if self.pos + B * T + 1 > len(self.shards[self.shard]):
-                self.shard, self.pos = (self.shard + 1) % len(self.shards), self.rank * B * T
-            buf = torch.from_numpy(self.shards[self.shard][self.pos:self.pos + B * T + 1].astype(np.int64))
-            buf = torch.stack([buf[i * T:i * T + T + 1] for i in range(B)])
+                self.shard, self.pos = (self.shard + 1) % len(self.shards), L + self.rank * B * T
+            buf = torch.from_numpy(self.shards[self.shard][self.pos - L:self.pos + B * T + 1].astype(np.int64))
+            buf = torch.stack([buf[i * T:i * T + L + T + 1] for i in range(B)])        # (B, L + T + 1)
             self.pos += B * T * self.world
-        return buf[:, :-1], buf[:, 1:]
+        x, y = buf[:, L:-1], buf[:, L + 1:]
+        return (x, y) if not L else (x, y, buf[:, :L])
 
 
 def val_batches(paths, B, T, iters, rank, world):
@@ -345,7 +354,10 @@ def main():
     raw_model.to(dev)
     opt, opt_note = make_optimizer(raw_model, device_type)
     val_paths, train_paths = list_shards(data_dir)
-    loader = ShardLoader(train_paths, batch_size, cfg.max_seq_len, cfg.vocab_size, data_order, seed, rank, world)
+    # a model that trains context injection gets each window's preceding passage (model.train_context_len tokens)
+    context_len = getattr(raw_model, "train_context_len", 0)
+    loader = ShardLoader(train_paths, batch_size, cfg.max_seq_len, cfg.vocab_size, data_order, seed, rank, world,
+                         context_len)
     iter_num, best_val_loss = 0, float("inf")
     opt_kind = "adamw" if isinstance(opt, torch.optim.AdamW) else "adamw8bit"
     if ckpt is not None:
@@ -414,6 +426,24 @@ def main():
         train_model.train()
         return (total[0] / total[1]).item()
 
+    @torch.no_grad()
+    def calibrate():
+        # every rank calibrates on the same first validation batches (at most 8), so all ranks agree
+        t0 = time.time()
+        windows = [(x.to(dev), y.to(dev)) for x, y in val_batches(val_paths, batch_size, cfg.max_seq_len,
+                                                                  min(eval_iters, 8) or 8, 0, 1)]
+        with autocast:
+            r = core.calibrate_exit(raw_model, windows, exit_tolerance)
+        if master:
+            shares = ", ".join(f"{s:.2f}" for s in r["depth_share"])
+            print(f"early exit calibrated: threshold {r['threshold']:.4f}, val loss {r['loss']:.4f} vs dense "
+                  f"{r['dense_loss']:.4f} (tolerance {exit_tolerance}), share of positions stopping after each "
+                  f"bottom layer [{shares}] ({time.time() - t0:.1f}s)")
+            log_file.write(f'{{"step": {iter_num}, "exit_threshold": {r["threshold"]:.6f}, '
+                           f'"exit_loss_cost": {r["loss"] - r["dense_loss"]:.6f}}}\n')
+            log_file.flush()
+        train_model.train()
+
     def checkpoint():
         # the position before the prefetched batch, which has not been trained on yet
         loader_states = [pending["loader"]]
@@ -445,12 +475,14 @@ def main():
     pending = {}
 
     def next_batch():
+        """-> (x, y, extra forward kwargs): the preceding passage as `context` for a model that trains injection."""
         pending["loader"] = loader.state_dict()
-        return (t.to(dev, non_blocking=True) for t in loader.next_batch())
+        x, y, *context = (t.to(dev, non_blocking=True) for t in loader.next_batch())
+        return x, y, {"context": context[0]} if context else {}
 
     signal.signal(signal.SIGINT, on_sigint)
     train_model.train()
-    x, y = next_batch()
+    x, y, extra = next_batch()
     t_start, t_last, start_iter, last_log_iter = time.time(), time.time(), iter_num, iter_num
     eval_seconds = 0.0
     while True:
@@ -473,6 +505,8 @@ def main():
             t_last += time.time() - t_eval  # throughput and ETA count training time only
             eval_seconds += time.time() - t_eval
         if iter_num >= max_iters:
+            if exit_tolerance > 0 and "exit_threshold" not in given and core.exit_trunks(raw_model):
+                calibrate()
             checkpoint()
             break
 
@@ -484,8 +518,8 @@ def main():
             if ddp:  # all-reduce gradients only on the last micro-step
                 train_model.require_backward_grad_sync = micro_step == accum - 1
             with autocast:
-                loss = train_model(x, targets=y).loss / accum
-            x, y = next_batch()  # prefetch while backward runs
+                loss = train_model(x, targets=y, **extra).loss / accum
+            x, y, extra = next_batch()  # prefetch while backward runs
             scaler.scale(loss).backward()
             loss_sum += loss.detach()
         if grad_clip > 0:
