@@ -1284,7 +1284,9 @@ def test_v5_exit_plumbing_cached_decoding_equals_the_full_pass_and_fills_every_l
 def test_v4_1_and_v5_horizon_drafts_get_accepted_and_speculative_greedy_equals_greedy(name, monkeypatch):
     pattern = torch.tensor([3, 17, 42, 8, 25, 61, 12])
     batch = torch.stack([pattern.roll(-s).repeat(8)[:49] for s in range(7)])
-    model = fit(tiny(name, size=SMALL), 60, batch, seed=0)
+    # v5's processor gates start open and its router is trained to tell tokens apart: at this toy size it needs
+    # about 100 steps to learn the cycle (60 leave it repeating one token)
+    model = fit(tiny(name, size=SMALL), 60 if name == "v4_1" else 120, batch, seed=0)
     monkeypatch.setattr(core, "prompt_lookup_draft", lambda seq, k: (seq.new_empty(0), None))
     stats = {}
     for prompt_len, draft_len, new in ((2, 3, 20), (9, 1, 15), (20, 4, 25)):
