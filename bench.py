@@ -669,6 +669,15 @@ def bench_paged(s):
     return table(title, header, rows)
 
 
+def full_cache_bytes(model, n_tokens):
+    """Bytes of a one-row fp16 decoding cache holding n_tokens: a paged cache allocates blocks as a row grows, so
+    it is first grown to what a row of n_tokens needs."""
+    cache = model.new_cache(1, dtype=torch.float16)
+    if hasattr(cache, "reserve"):
+        cache.reserve([0], [n_tokens])
+    return cache.nbytes()
+
+
 def bench_memory(pairs, s):
     size = FAST_T4 if s["fast"] else T4
     rows = []
@@ -678,8 +687,7 @@ def bench_memory(pairs, s):
         n = model.num_params()
         weights, grads, optim = 4 * n, 4 * n, adamw8bit_bytes(model)
         acts = activation_bytes(model, size["max_seq_len"])
-        cache = model.new_cache(1, dtype=torch.float16)
-        kv_per_token = cache.nbytes() / size["max_seq_len"]
+        kv_per_token = full_cache_bytes(model, size["max_seq_len"]) / size["max_seq_len"]
         total = weights + grads + optim + acts / 2
         rows.append([model_label(name, mode), f"{n / 1e6:.1f}M", f"{weights / 2**30:.2f}", f"{grads / 2**30:.2f}",
                      f"{optim / 2**30:.2f}", f"{acts / 2**30:.2f}", f"{total / 2**30:.2f}",
@@ -714,7 +722,7 @@ def bench_memory_cuda(pairs, s):
             scaler.update()
             opt.zero_grad(set_to_none=True)
         peak = torch.cuda.max_memory_allocated()
-        kv = model.new_cache(1, dtype=torch.float16).nbytes() / T4["max_seq_len"]
+        kv = full_cache_bytes(model, T4["max_seq_len"]) / T4["max_seq_len"]
         rows.append([model_label(name, mode), f"{model.num_params() / 1e6:.1f}M", f"{peak / 2**30:.2f}",
                      "yes" if peak <= 12 * 2**30 else "NO", f"{kv / 1024:.1f}"])
         del model, opt
@@ -826,6 +834,7 @@ def main():
         sections.append(text)
         with open(os.path.join(work, f"{name}.md"), "w") as f:
             f.write(text)
+        print(f"bench: {name} done at {time.time() - t_start:.0f} s", file=sys.stderr)
 
     if "data" in what:  # first: forking prepare_data's workers from a process that held T4-size models is slow
         emit("data", bench_data(s, work))

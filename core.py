@@ -971,7 +971,7 @@ class _LinearLogSumExp(torch.autograd.Function):
         total = torch.zeros((), device=z.device, dtype=torch.float32)
         lse, pick, argmax = [], [], []
         grad_z = torch.empty_like(z) if want_z else None
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if want_w else None
+        grad_w = None  # the first chunk's product starts it: no pass to zero a (V, D) buffer
         for lo in range(0, z.size(0), chunk):
             zc, ic = z[lo:lo + chunk], index[lo:lo + chunk, None]
             logits = F.linear(zc, weight).float()                                    # (chunk, V): the only one
@@ -987,7 +987,7 @@ class _LinearLogSumExp(torch.autograd.Function):
                 if want_z:
                     grad_z[lo:lo + chunk] = (g.to(weight.dtype) @ weight).to(z.dtype)
                 if want_w:
-                    grad_w.addmm_(g.t(), zc.float())
+                    grad_w = g.t() @ zc.float() if grad_w is None else grad_w.addmm_(g.t(), zc.float())
         ctx.save_for_backward(grad_z, grad_w)
         ctx.weight_dtype = weight.dtype
         lse, pick, argmax = torch.cat(lse), torch.cat(pick), torch.cat(argmax)
