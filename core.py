@@ -736,7 +736,24 @@ def spine_offsets(max_len):
     return [1] + [s for s in spine_positions(max_len)[1:]]
 
 
-class SpineSelfAttention(CausalSelfAttention):
+class MaskedSelfAttention(CausalSelfAttention):
+    """Attention under a mask of absolute positions, `mask(start_pos, T, S, device)` -> bool (T, S) or (nh, T, S),
+    query start_pos + i reading key j, that subclasses define. A function of positions only, so a cached call
+    builds exactly the rows of the full forward's mask over the ordinary KV cache."""
+
+    def forward(self, x, kv_cache=None, start_pos=0):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        if kv_cache is not None:
+            k, v = kv_cache.update(start_pos, k, v)                                   # (B, nh, start_pos + T, hd)
+        mask = self.mask(start_pos, T, k.size(2), x.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, D)
+        return self.resid_dropout(self.proj(y))
+
+
+class SpineSelfAttention(MaskedSelfAttention):
     """Causal spine attention: query t reads key t - d when d < window (a local window, t itself included) or when
     d is a spine offset this head reads. Offsets are grouped by spine level (near: 1, 2, 4; mid: 12, 36; far: 104
     and beyond) and each head group reads one level (with fewer heads than levels, a head reads several), so every
@@ -762,16 +779,6 @@ class SpineSelfAttention(CausalSelfAttention):
         distance = torch.arange(start_pos, start_pos + T, device=device)[:, None] - torch.arange(S, device=device)
         return (distance >= 0) & self.reads[:, distance.clamp(0, self.reads.size(1) - 1)]
 
-    def forward(self, x, kv_cache=None, start_pos=0):
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=2)
-        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
-        if kv_cache is not None:
-            k, v = kv_cache.update(start_pos, k, v)                                   # (B, nh, start_pos + T, hd)
-        mask = self.mask(start_pos, T, k.size(2), x.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, D)
-        return self.resid_dropout(self.proj(y))
 
 
 class SpineBlock(Block):

@@ -235,7 +235,7 @@ def poincare_distance_matrix(x, y, c=1.0, gap_x=None, gap_y=None):
 # -----------------------------------------------------------------------------
 # attention: core's dense causal attention, or the causal Pell-Lucas block-sparse pattern
 
-class PellLucasSelfAttention(core.CausalSelfAttention):
+class PellLucasSelfAttention(core.MaskedSelfAttention):
     """Query block i reads key block j iff i - j in {0, 1} U {Q_n} or j = 0, inside the token-level causal mask.
     The mask is a function of absolute positions only, so a decoding call builds exactly the training rows."""
 
@@ -243,16 +243,9 @@ class PellLucasSelfAttention(core.CausalSelfAttention):
         super().__init__(d_model, n_heads, bias, dropout)
         self.block = block
 
-    def forward(self, x, kv_cache=None, start_pos=0):
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=2)
-        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
-        if kv_cache is not None:
-            k, v = kv_cache.update(start_pos, k, v)                                  # (B, nh, start_pos + T, hd)
-        q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
-        mask = core.pell_lucas_block_mask(q_pos, torch.arange(k.size(2), device=x.device), self.block)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).contiguous().view(B, T, D)))
+    def mask(self, start_pos, T, S, device):
+        return core.pell_lucas_block_mask(torch.arange(start_pos, start_pos + T, device=device),
+                                          torch.arange(S, device=device), self.block)
 
 
 # -----------------------------------------------------------------------------
