@@ -36,12 +36,24 @@ def logits_to_probs(logits, temperature=1.0, top_k=None, top_p=None):
     return logits.softmax(-1)
 
 
+def draw(probs, generator=None):
+    """One token per row of probs (..., V) (non-negative weights, any positive total): the first token whose
+    cumulative weight exceeds u * total, u uniform on [0, 1) (inverse-CDF sampling). The distribution of
+    torch.multinomial(probs, 1), whose CPU kernel draws V exponentials per row, about half a decode step at
+    V = 50,304; this is one cumsum and one binary search. The cumsum is float64 and a token of weight 0 owns an
+    empty interval, so it is never drawn."""
+    cdf = probs.double().cumsum(-1)                                                     # (..., V)
+    total = cdf[..., -1:]
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device) * total
+    last = (cdf < total).sum(-1)     # the last token of positive weight, should u * total round up to the total
+    return torch.minimum(torch.searchsorted(cdf, u, right=True).squeeze(-1), last)
+
+
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """(B, V) logits -> (B,) tokens. temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(logits_to_probs(logits, temperature, top_k, top_p), generator)
 
 
 # -----------------------------------------------------------------------------
@@ -172,7 +184,8 @@ def generate_ragged(model, prompts, max_new_tokens, temperature=1.0, top_k=None,
 # draft j so far in this generation, with EVIDENCE rounds of prior at ratio 1. That ratio is what moves the estimate
 # from greedy acceptance (what the heads are trained on) to sampled acceptance; so that a pessimistic prediction
 # can be corrected too, the first PROBES rounds draft at least one token from the heads. None of it can change the output:
-# verification keeps greedy decoding exact and sampling distributed as the model's.
+# verification keeps greedy decoding exact and sampling distributed as the model's. Drafting from the heads has
+# a price of its own whatever k is, one more pass over the unembedding (read_cost), so weak heads draft nothing.
 
 DRAFT_COST = 0.05       # verifying k drafts costs ~ 1 + DRAFT_COST * k one-token steps (batch 1, d_model 128, CPU)
 PRIOR_ACCEPTANCE = 0.5  # acceptance of a draft before any evidence, for sources without a calibrated prediction
@@ -182,60 +195,122 @@ PROBES = 3              # the first rounds draft at least one token from the hea
 
 class DraftSource:
     """Predicted and realised acceptance of one source's draft j (1-based) in this generation, counted over the
-    rounds that reached it (drafts 1..j-1 accepted)."""
+    rounds that reached it (drafts 1..j-1 accepted). Plain Python floats: planning runs every round on a few
+    numbers, where tensor ops would cost a share of the decoding step."""
 
     def __init__(self, n):
-        self.predicted, self.realised = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-        self.count = torch.zeros(n, dtype=torch.float64)
+        self.predicted, self.realised, self.count = [0.0] * n, [0.0] * n, [0] * n
 
     def estimate(self, predicted):
-        """predicted (k,) acceptance of this round's drafts -> times the realised / predicted ratio of this
-        source's drafts so far, with EVIDENCE rounds of prior at ratio 1 (k,); a draft with no evidence yet takes
+        """predicted [k] acceptance of this round's drafts -> times the realised / predicted ratio of this
+        source's drafts so far, with EVIDENCE rounds of prior at ratio 1 [k]; a draft with no evidence yet takes
         the ratio of the draft before it."""
-        k = predicted.numel()
-        predicted = predicted.double().cpu()
-        prior = EVIDENCE * torch.where(self.count[:k] > 0, self.predicted[:k] / self.count[:k].clamp_min(1), predicted)
-        ratio = (self.realised[:k] + prior) / (self.predicted[:k] + prior).clamp_min(1e-12)
-        for j in range(1, k):  # a draft never reached yet takes the correction of the one before it
-            if self.count[j] == 0:
-                ratio[j] = ratio[j - 1]
-        return (predicted * ratio).clamp(0, 1)
+        out, ratio = [], 1.0
+        for j, p in enumerate(predicted):
+            if self.count[j]:
+                prior = EVIDENCE * self.predicted[j] / self.count[j]
+                ratio = (self.realised[j] + prior) / max(self.predicted[j] + prior, 1e-12)
+            out.append(min(max(p * ratio, 0.0), 1.0))
+        return out
 
     def record(self, predicted, realised):
-        """predicted, realised (n,) for the drafts this round reached."""
-        n = realised.numel()
-        self.predicted[:n] += predicted[:n].double().cpu()
-        self.realised[:n] += realised.double().cpu()
-        self.count[:n] += 1
+        """predicted [>= n], realised (n,) for the drafts this round reached."""
+        for j, r in enumerate(realised.tolist()):
+            self.predicted[j] += predicted[j]
+            self.realised[j] += r
+            self.count[j] += 1
 
 
-def expected_tokens_per_cost(accept, k, cost):
-    """The value best_draft_length maximises, at k drafts."""
-    reach = accept[:k].double().clamp(0, 1).cumprod(0)
-    return (1 + reach.sum().item()) / (1 + cost * k)
+def read_cost(model):
+    """The cost, in one-token decoding steps, of reading drafts out of the horizon heads: one more pass over the
+    unembedding, whose weights are this share of those a decoding step reads (at batch 1 a step streams every
+    weight once, so it costs about its weights' share; 0.88 at the cpu_tiny size, 0.25 at the T4 size)."""
+    return model.wte.weight.numel() / sum(p.numel() for p in model.parameters())    # the tied unembedding
 
 
-def plan_drafts(model, seq, room, prev_out, prev_index, sources, cost, probes=PROBES):
-    """-> (source name, k, predicted (k,)) for this round: the source and draft count with the most expected tokens
+def expected_tokens_per_cost(accept, k, costs):
+    """The value best_draft_length maximises, at k drafts; costs [K + 1] as core.draft_costs."""
+    tokens, reach = 1.0, 1.0
+    for a in accept[:k]:
+        reach *= min(max(a, 0.0), 1.0)
+        tokens += reach
+    return tokens / costs[k]
+
+
+class RoundCosts:
+    """Wall time of this generation's rounds by (source, drafts), relative to rounds that draft nothing: the cost
+    vectors plan_drafts weighs drafts with, so speculation pays on the hardware it runs on. core.draft_costs
+    (1 + cost k, plus read_cost for the heads), scaled to the hardware by the nearest timed pair, stands in for a pair
+    not timed yet; rounds 2 and 3 draft nothing, to time the step that costs are relative to, and
+    the lower median of a pair's last 8 rounds keeps one slow round (a page fault, another process) from ruling it
+    out. The linear model alone is far off on a CPU: at d_model 128 on 2 cores, the unembedding of 2 or 3 rows took
+    1.5x and 2.3x the time of 1 row, and 5 rows about 1x. Since the plan follows timings, sampled tokens under a
+    fixed generator can differ between runs; their distribution cannot, nor can greedy output."""
+
+    def __init__(self, K, cost, overhead):
+        self.prior = {name: core.draft_costs(K, cost, extra) for name, extra in overhead.items()}
+        self.times, self.rounds = {}, 0
+
+    def record(self, source, k, seconds):
+        self.rounds += 1
+        if self.rounds == 1:   # the first round pays one-off costs (buffers allocated, caches cold): not timed
+            return
+        times = self.times.setdefault((source, k), [])
+        times.append(seconds)
+        del times[:-8]
+
+    def untimed(self, rounds=2):
+        """True after the first round and until `rounds` rounds without drafts were timed (the first round drafts on
+        the prior, so that a short generation is not left without drafts)."""
+        return self.rounds > 0 and len(self.times.get((None, 0), ())) < rounds
+
+    def _median(self, key):
+        t = self.times.get(key)
+        return sorted(t)[(len(t) - 1) // 2] if t else None
+
+    def costs(self, source):
+        """[K + 1] cost of k = 0..K drafts from `source`, in rounds without drafts. A draft count not timed yet
+        takes the prior scaled by measured / prior of the nearest timed count from the same source, so one slow
+        round at k = 2 is not followed by trying k = 3, 4, ... at the prior, one after another."""
+        prior, base = self.prior[source], self._median((None, 0))
+        if base is None:
+            return list(prior)
+        timed = {k: self._median((source, k)) / base for k in range(1, len(prior)) if (source, k) in self.times}
+        if not timed:
+            return list(prior)
+        out = [prior[0]]
+        for k in range(1, len(prior)):
+            near = min(timed, key=lambda j: (abs(j - k), -j))
+            out.append(timed[k] if k in timed else prior[k] * timed[near] / prior[near])
+        return out
+
+
+def plan_drafts(model, seq, room, prev_out, prev_index, sources, cost, probes=PROBES, round_costs=None):
+    """-> (source name, k, predicted [k]) for this round: the source and draft count with the most expected tokens
     per verification cost, or (None, 0, None) when drafting nothing is best; while the heads have fewer than
-    `probes` rounds of evidence, at least one draft from the heads."""
+    `probes` rounds of evidence, at least one draft from the heads. Costs are round_costs' measured ones (a
+    RoundCosts), else core.draft_costs at `cost` with read_cost(model) for the heads."""
     best, plan = 1.0, (None, 0, None)   # value of drafting nothing: one token per one-token step
     if room <= 0:
         return plan
     heads = 0 if prev_out is None or prev_out.horizon_hidden is None else min(room, prev_out.horizon_hidden.size(2))
+    if round_costs is None:
+        round_costs = RoundCosts(room, cost, {"heads": read_cost(model), "lookup": 0.0})
+    elif round_costs.untimed():   # rounds 2 and 3 draft nothing: they time the step all costs are relative to
+        return plan
     candidates = []
     if heads:
         accept = getattr(model, "draft_acceptance", None)
-        predicted = accept(prev_out)[0, prev_index, :heads].detach() if accept else \
-            torch.full((heads,), PRIOR_ACCEPTANCE)
+        predicted = accept(prev_out)[0, prev_index, :heads].tolist() if accept else [PRIOR_ACCEPTANCE] * heads
         candidates.append(("heads", predicted))
     lookup, _ = core.prompt_lookup_draft(seq, room)
     if lookup.numel():
-        candidates.append(("lookup", torch.full((lookup.numel(),), PRIOR_ACCEPTANCE)))
+        candidates.append(("lookup", [PRIOR_ACCEPTANCE] * lookup.numel()))
     for name, predicted in candidates:
         estimate = sources[name].estimate(predicted)
-        k = core.best_draft_length(estimate, cost)
-        value = expected_tokens_per_cost(estimate, k, cost)
+        costs = round_costs.costs(name)
+        k = core.best_draft_length(estimate, costs)
+        value = expected_tokens_per_cost(estimate, k, costs)
         if name == "heads" and sources[name].count[0] < probes:   # measure the heads whatever they predict
             return name, max(k, 1), predicted[:max(k, 1)]
         if k and value > best:
@@ -252,7 +327,7 @@ def propose(model, seq, plan, prev_out, prev_index, temperature=0.0, top_k=None,
         if temperature == 0:
             return logits.argmax(-1), None
         q = logits_to_probs(logits, temperature, top_k, top_p)                          # (k, V)
-        return torch.multinomial(q, 1, generator=generator).squeeze(-1), q
+        return draw(q, generator), q
     if source == "lookup":
         return core.prompt_lookup_draft(seq, k)[0], None
     return seq.new_empty(0), None
@@ -284,6 +359,7 @@ def speculative_decode(model, idx, max_new_tokens, temperature=1.0, top_k=None, 
     target_len = idx.size(1) + max_new_tokens
     cost = getattr(model.config, "draft_cost", DRAFT_COST)
     sources = {"heads": DraftSource(draft_len), "lookup": DraftSource(draft_len)}
+    round_costs = RoundCosts(draft_len, cost, {"heads": read_cost(model), "lookup": 0.0})
     custom_drafter = "draft" in vars(model) or type(model).draft is not core.LM.draft
     cache = model.new_cache(1)
     t0 = time.perf_counter()
@@ -302,12 +378,13 @@ def speculative_decode(model, idx, max_new_tokens, temperature=1.0, top_k=None, 
             callback(token)
             continue
         room = min(draft_len, L - N, target_len - N - 1)
+        t_round = time.perf_counter()
         if custom_drafter:  # a drafter set on the model proposes up to `room` drafts every round, unplanned
             source, predicted = "custom", None
             drafts, q = model.draft(seq, room, prev_out, prev_index) if room > 0 else (seq.new_empty(0), None)
             k = drafts.numel()
         else:
-            plan = plan_drafts(model, seq, room, prev_out, prev_index, sources, cost)
+            plan = plan_drafts(model, seq, room, prev_out, prev_index, sources, cost, round_costs=round_costs)
             source, k, predicted = plan
             drafts, q = propose(model, seq, plan, prev_out, prev_index, temperature, top_k, top_p, generator)
         rounds.append((source, k))
@@ -336,10 +413,10 @@ def speculative_decode(model, idx, max_new_tokens, temperature=1.0, top_k=None, 
                     continue
                 residual = (p[i] - q_full[i]).clamp_min(0)
                 residual = residual / residual.sum() if residual.sum() > 0 else p[i]
-                next_token = torch.multinomial(residual, 1, generator=generator)[0]
+                next_token = draw(residual, generator)
                 break
             if next_token is None:
-                next_token = torch.multinomial(p[k], 1, generator=generator)[0]
+                next_token = draw(p[k], generator)
             # the acceptance probability of each reached draft, sum min(p, q): less noisy than accept / reject
             reached = min(n_acc + 1, k)
             realised = torch.minimum(p[:reached], q_full[:reached]).sum(-1)
@@ -351,6 +428,8 @@ def speculative_decode(model, idx, max_new_tokens, temperature=1.0, top_k=None, 
         callback(new)
         cache.truncate(N + n_acc)  # keeps seq[:-1]: the prompt, the accepted drafts; the new token is pending
         prev_out, prev_index = out, n_acc
+        if not custom_drafter:
+            round_costs.record(source, k, time.perf_counter() - t_round)
     if stats is not None:
         stats["model_calls"] = stats.get("model_calls", 0) + calls
         stats["new_tokens"] = stats.get("new_tokens", 0) + max_new_tokens

@@ -256,53 +256,121 @@ def check_anchor(anchor, max_seq_len, chunk_size, spine_only=True):
         raise core.UsageError(f"injection anchor {anchor} is not a spine position; use one of {spine}")
 
 
-def hierarchical_predictive_loss(logits, targets, horizon_hidden, unembed, beta=0.3, gamma=0.8, consistency=0.1,
+class _MainHeadAndConsistency(torch.autograd.Function):
+    """See main_head_loss. One pass over the unembedding, a chunk of rows at a time, with every gradient taken in
+    the forward (as core.linear_lse_loss) and only scaled in the backward. The softmax P of a chunk serves the
+    cross-entropy and the consistency term at once: S = P W gives d loss / d h = a (S - W[target]) without a second
+    product with W, and the unembedding's gradient from both terms is one product P^T (a h - Z) less a scatter of
+    a h at the targets, where an unfused step pays five (N, V) x D products and a log-softmax over (N, V)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, index, a, zsum, chunk, grad_enabled):
+        want_h, want_w, want_z = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1, 4))
+        w32 = weight.float()
+        total = torch.zeros((), device=h.device, dtype=torch.float32)
+        logits_out, lse, pick, expected = None, [], [], []
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = None   # the first chunk's product starts it: no pass to zero a (V, D) buffer
+        for lo in range(0, h.size(0), chunk):
+            hc, ic, ac, zc = h[lo:lo + chunk], index[lo:lo + chunk], a[lo:lo + chunk], zsum[lo:lo + chunk]
+            logits = F.linear(hc, weight)                                           # (chunk, V)
+            if logits_out is None:
+                logits_out = logits.new_empty(h.size(0), logits.size(1))
+            logits_out[lo:lo + chunk] = logits
+            logits = logits.float()
+            lse_c = torch.logsumexp(logits, -1)
+            pick_c = logits.gather(1, ic.clamp_min(0)[:, None])[:, 0]
+            p = logits.sub_(lse_c[:, None]).exp_()                                  # softmax, in place
+            s = p @ w32                                                             # (chunk, D): E_p[W]
+            total = total + (ac * (lse_c - pick_c)).sum() - (zc * s).sum()
+            lse.append(lse_c)
+            pick.append(pick_c)
+            expected.append(s)
+            if want_h:
+                grad_h[lo:lo + chunk] = (ac[:, None] * (s - w32[ic.clamp_min(0)])).to(h.dtype)
+            if want_w:
+                ah = ac[:, None] * hc.float()
+                g = p.t() @ (ah - zc)
+                grad_w = g if grad_w is None else grad_w.add_(g)
+                grad_w.index_add_(0, ic.clamp_min(0), -ah)
+        ctx.save_for_backward(grad_h, grad_w, -torch.cat(expected) if want_z else None)
+        ctx.weight_dtype = weight.dtype
+        lse, pick, expected = torch.cat(lse), torch.cat(pick), torch.cat(expected)
+        ctx.mark_non_differentiable(logits_out, lse, pick, expected)
+        return total, logits_out, lse, pick, expected
+
+    @staticmethod
+    def backward(ctx, g_total, *_):
+        grad_h, grad_w, grad_z = ctx.saved_tensors
+        scale = lambda g, dtype=None: None if g is None else (g * g_total).to(dtype or g.dtype)
+        return scale(grad_h), scale(grad_w, ctx.weight_dtype), None, None, scale(grad_z), None, None
+
+
+def main_head_loss(h, weight, index, a, zsum, chunk=None):
+    """sum_r a_r CE_r - sum_r zsum_r . S_r for rows h (N, D) through the tied unembedding W (V, D), with targets
+    index (N,) (-1: a_r must be 0), S_r = sg(softmax(h_r W^T)) W the expected unembedding row under the main head,
+    and zsum (N, D) the consistency term's pull on row r (its gradient is -S_r; W's gradient through S is
+    included, P's is stopped, as in KL(sg(p) || q)). -> (total, logits (N, V) without a graph, lse (N,),
+    pick (N,), S (N, D)); only total carries a gradient. The logits are written once, chunk by chunk, for the
+    caller to read; no fp32 (N, V) tensor is kept for the backward."""
+    chunk = chunk or max(16, (1 << 23) // weight.size(0))
+    return _MainHeadAndConsistency.apply(h, weight, index, a.float(), zsum.float(), chunk,
+                                         torch.is_grad_enabled())
+
+
+def hierarchical_predictive_loss(h, unembed, targets, horizon_hidden, beta=0.3, gamma=0.8, consistency=0.1,
                                  sample=False):
-    """v6's training objective, the HierarchicalPredictiveLoss:
+    """v6's training objective, the HierarchicalPredictiveLoss, for final hidden states h (B, T, D) read through
+    the tied unembedding (V, D):
     (CE_main + sum_k lambda_k CE_k) / (1 + sum_k lambda_k) + consistency * mean_k KL(sg(p_main[t+k-1]) || q_k[t]),
     lambda_k = beta * gamma^(k-2) for offsets k = 2..H. The CE part is a weighted mean, so the objective starts near
-    ln V; the consistency term pulls offset k at t toward the main head's later prediction of the same token.
-    Targets of -1 are ignored everywhere; the offsets' logits go through core.linear_lse_loss in row chunks, so no
-    [B, T, V] offset logits exist, let alone [B, T, H, V]. sample=True (training) reads each offset out at a random
-    1/(H-1) of the positions, all offsets in one pass over the unembedding: the unbiased estimate of
-    core.horizon_loss, for the CE and the KL alike. aux's horizon and consistency are values (no gradient).
-    -> (loss, {"lm", "horizon", "consistency"})."""
+    ln V; the consistency term pulls offset k at t toward the main head's own later prediction of the same token.
+    Targets of -1 are ignored everywhere. With p the main head and q_k = softmax(z W^T) offset k's,
+    KL = sum p log p - z . (p W) + lse(z W^T): its first two terms come from the main head's pass (main_head_loss,
+    which returns sum p log p = h . S - lse and S = p W), the last from the offsets' pass (core.linear_lse_loss),
+    so no (B, T, V) tensor is materialised beyond the logits handed back, and none of (B, T, H, V). sample=True
+    (training) reads each offset out at a random 1/(H-1) of the positions, all offsets in one pass over the
+    unembedding: the unbiased estimate of core.horizon_loss, for the CE and the KL alike. aux's parts are values
+    (no gradient). -> (loss, {"lm", "horizon", "consistency"}, logits (B, T, V) without a graph)."""
+    B, T, D = h.shape
+    N, V = B * T, unembed.size(0)
+    flat_targets = targets.reshape(-1)
+    n_main = (flat_targets >= 0).sum().clamp_min(1)
     if horizon_hidden is None:
-        aux = {"lm": core.lm_loss(logits, targets)}
-        return aux["lm"], aux
-    # one log-softmax over V serves the next-token CE and the consistency target
-    main_logp = logits.float().log_softmax(-1)                                          # (B, T, V)
-    aux = {"lm": F.nll_loss(main_logp.flatten(0, 1), targets.reshape(-1), ignore_index=-1)}
-    with torch.no_grad():  # the main head is the consistency target (stop-grad): one pass over V for all offsets
-        p = main_logp.exp()
-        neg_entropy = (p * main_logp).sum(-1)                                           # (B, T)
-    expected_row = p @ unembed.float()                  # (B, T, D); the unembedding gets its KL gradient through it
-    B, T, n_off, D = horizon_hidden.shape
-    N = B * T
-    lams = beta * gamma ** torch.arange(n_off, device=logits.device, dtype=torch.float32)  # lambda_k, k = j + 2
+        a = (flat_targets >= 0) / n_main
+        total, logits, lse, pick, _ = main_head_loss(h.reshape(N, D), unembed, flat_targets, a, h.new_zeros(N, D))
+        return total, {"lm": total.detach()}, logits.view(B, T, V)
+    n_off = horizon_hidden.size(2)
+    lams = beta * gamma ** torch.arange(n_off, device=h.device, dtype=torch.float32)   # lambda_k, k = j + 2
     lam_sum = lams.sum()
-    rows = core.offset_rows(N, n_off, logits.device, 1.0 if sample else None)         # (n_off, n)
-    k = torch.arange(n_off, device=logits.device)[:, None]
+    rows = core.offset_rows(N, n_off, h.device, 1.0 if sample else None)               # (n_off, n)
+    k = torch.arange(n_off, device=h.device)[:, None]
     target_all = core.offset_targets(targets, n_off)                                   # (N, n_off)
     target = target_all[rows, k]                                                       # (n_off, n)
-    # the main head at t+k-1 predicts the same token as offset k at t: shifted rows, padded (masked anyway)
-    row = torch.stack([F.pad(expected_row[:, j + 1:], (0, 0, 0, j + 1)) for j in range(n_off)], 2)
-    neg_h = torch.stack([F.pad(neg_entropy[:, j + 1:], (0, j + 1)) for j in range(n_off)], 2)
-    row, neg_h = row.reshape(N, n_off, D)[rows, k], neg_h.reshape(N, n_off)[rows, k]  # (n_off, n, D), (n_off, n)
     z = horizon_hidden.reshape(N, n_off, D)[rows, k]                                   # (n_off, n, D)
     # per row: 1 / #targets of its offset (counted on the full window), times N / n for a sampled row: unbiased
     w = ((N / rows.size(1)) / (target_all >= 0).sum(0).clamp_min(1))[:, None] * (target >= 0)   # (n_off, n)
-    # CE_k = lse - pick and KL_k = neg_h - z . row + lse share one pass over V (core.linear_lse_loss)
-    a = (lams[:, None] * w / (1 + lam_sum) + consistency * w / n_off).reshape(-1)
+    # the main head at t+k-1 predicts the same token as offset k at t: flattened row r + k - 1, in the same
+    # window wherever w > 0 (offset k at t has a target only if t + k - 1 < T); the others carry weight 0
+    main_row = (rows + k + 1).clamp_max(N - 1).reshape(-1)
+    kl_w = (consistency / n_off) * w.reshape(-1)
+    zsum = torch.zeros(N, D, device=h.device).index_add_(0, main_row, kl_w[:, None] * z.reshape(-1, D).float())
+    a_main = (flat_targets >= 0) / (n_main * (1 + lam_sum))
+    total_main, logits, lse_m, pick_m, expected = main_head_loss(h.reshape(N, D), unembed, flat_targets, a_main,
+                                                                 zsum)
+    # offsets: CE_k = lse - pick, and the KL's lse(z W^T), share one pass over V
+    a = (lams[:, None] * w / (1 + lam_sum)).reshape(-1) + kl_w
     b = (lams[:, None] * w / (1 + lam_sum)).reshape(-1)
-    total, lse, pick, _ = core.linear_lse_loss(z.reshape(-1, D), unembed, target.clamp_min(0).reshape(-1), a, b)
-    kl_rest = w * (neg_h - (z.float() * row).sum(-1))                                 # the KL's part outside V
-    loss = aux["lm"] / (1 + lam_sum) + total + consistency * kl_rest.sum() / n_off
+    total_h, lse, pick, _ = core.linear_lse_loss(z.reshape(-1, D), unembed, target.clamp_min(0).reshape(-1), a, b)
     with torch.no_grad():
+        neg_entropy = (h.reshape(N, D).float() * expected).sum(-1) - lse_m                    # sum p log p, (N,)
+        kl_const = (kl_w * neg_entropy[main_row]).sum()    # the KL's sum p log p: a constant (p is stop-grad)
         lse, pick = lse.view(n_off, -1), pick.view(n_off, -1)
-        aux["horizon"] = (lams[:, None] * w * (lse - pick)).sum() / lam_sum
-        aux["consistency"] = (kl_rest + w * lse).sum() / n_off
-    return loss, aux
+        zs_dot = (z.reshape(-1, D).float() * expected[main_row]).sum(-1)                     # z . (p W)
+        aux = {"lm": ((lse_m - pick_m) * (flat_targets >= 0)).sum() / n_main,
+               "horizon": (lams[:, None] * w * (lse - pick)).sum() / lam_sum,
+               "consistency": (w.reshape(-1) * (neg_entropy[main_row] - zs_dot + lse.reshape(-1))).sum() / n_off}
+    return total_main + total_h + kl_const, aux, logits.view(B, T, V)
 
 
 # -----------------------------------------------------------------------------
@@ -372,9 +440,10 @@ class Model(core.LM):
         """Offsets 2..horizon: h (B, T, D) -> (B, T, H-1, D), read through the tied unembedding."""
         return core.HorizonHeads(c.d_model, c.horizon) if c.horizon > 1 else None
 
-    def objective(self, logits, targets, horizon_hidden):
+    def objective(self, h, targets, horizon_hidden):
+        """-> (loss, aux, logits): the loss reads the logits in the same pass that writes them."""
         c = self.config
-        return hierarchical_predictive_loss(logits, targets, horizon_hidden, self.wte.weight, c.horizon_weight,
+        return hierarchical_predictive_loss(h, self.wte.weight, targets, horizon_hidden, c.horizon_weight,
                                             c.horizon_gamma, c.consistency_weight,
                                             sample=self.training and c.horizon_sampling)
 
@@ -403,11 +472,12 @@ class Model(core.LM):
                                  exit_threshold=c.exit_threshold, readout=self.head_logits)  # (B, T, D)
             exit_loss, exit_depth = None if rest is None else rest[0], None
         h = self.ln_f(h)
-        logits = self.lm_head(h)                                                      # (B, T, V)
         horizon_hidden = None if self.horizon is None else self.horizon(h)            # (B, T, H-1, D)
         loss = aux = None
-        if targets is not None:
-            loss, aux = self.objective(logits, targets, horizon_hidden)
+        if targets is None:
+            logits = self.lm_head(h)                                                  # (B, T, V)
+        else:  # the objective's pass over the unembedding writes the logits (without a graph: the loss has it)
+            loss, aux, logits = self.objective(h, targets, horizon_hidden)
             if exit_loss is not None:
                 aux["exit"] = exit_loss
                 loss = loss + core.EXIT_LOSS_WEIGHT * exit_loss

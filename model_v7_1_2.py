@@ -69,10 +69,12 @@ class Model(model_v6.Model):
     def build_horizon(self, c):
         return RecursiveHorizon(c.d_model, c.horizon) if c.horizon > 1 else None
 
-    def objective(self, logits, targets, horizon_hidden):
+    def objective(self, h, targets, horizon_hidden):
         c = self.config
-        return core.horizon_objective(logits, targets, horizon_hidden, self.wte.weight, None, c.horizon_weight,
-                                      c.horizon_gamma, sample=self.training and c.horizon_sampling)
+        logits = self.lm_head(h)                                                      # (B, T, V)
+        loss, aux = core.horizon_objective(logits, targets, horizon_hidden, self.wte.weight, None, c.horizon_weight,
+                                           c.horizon_gamma, sample=self.training and c.horizon_sampling)
+        return loss, aux, logits
 
 
 if __name__ == "__main__":

@@ -971,7 +971,7 @@ class Model(core.LM):
         """(k', V) logits of offsets 2..k'+1 at prev_index, through the model's own readout (the distance head)."""
         if prev_out.horizon_hidden is None:
             return None
-        return self.readout(prev_out.horizon_hidden[0, prev_index, :k])
+        return self.readout(prev_out.horizon_hidden[0, prev_index, :k])  # the distance head's cost grows with rows
 
 
 if __name__ == "__main__":

@@ -1603,15 +1603,15 @@ def test_trained_injection_of_the_true_passage_lowers_held_out_loss_and_a_wrong_
 def test_trained_injection_steers_greedy_continuations_toward_the_injected_topic(topic_injected):
     model, _, _ = topic_injected
     g = torch.Generator().manual_seed(8)
-    prompt = topical(g, 1, 3)
-    in_topic = {}
+    prompt = TOPICS[1][torch.randint(0, 8, (1, 3), generator=g)]       # topic 1; the passages are of others
+    in_topic, outs = {}, {}
     for k in (3, 11):
         passage = TOPICS[k][torch.randint(0, 8, (48,), generator=g)]
         with model.inject([(passage, 0)]):
-            out = model.generate(prompt, 24, temperature=0)[0, 3:]
-        in_topic[k] = torch.isin(out, TOPICS[k]).float().mean().item()
-        assert not torch.equal(out, model.generate(prompt, 24, temperature=0)[0, 3:])
-    assert min(in_topic.values()) > 0.5, in_topic
+            outs[k] = model.generate(prompt, 24, temperature=0)[0, 3:]
+        in_topic[k] = torch.isin(outs[k], TOPICS[k]).float().mean().item()
+    assert min(in_topic.values()) > 0.5, in_topic        # each continuation follows its own injected topic
+    assert not torch.equal(outs[3], outs[11])
 
 
 def test_injected_memory_is_projected_once_per_generation_not_once_per_chunk(monkeypatch):
@@ -1693,10 +1693,11 @@ def test_speculative_bookkeeping_emits_exactly_max_new_tokens():
             assert out.shape == (1, 3 + n)
 
 
-def _hpl_hand(logits, targets, zs, unembed, beta, gamma, consistency):
-    """The HierarchicalPredictiveLoss written out position by position."""
+def _hpl_hand(h, targets, zs, unembed, beta, gamma, consistency):
+    """The HierarchicalPredictiveLoss written out position by position (the main head is the KL's stop-grad target)."""
+    logits = h @ unembed.T
     B, T, V = logits.shape
-    main = F.log_softmax(logits, -1)
+    main = F.log_softmax(logits, -1).detach()
     ce = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
     weighted, lam_sum, kls = 0.0, 0.0, []
     for j in range(zs.size(2)):
@@ -1792,12 +1793,12 @@ def test_sampled_hierarchical_predictive_loss_is_unbiased_for_its_ce_and_its_kl(
     B, T, V, D, H = 2, 10, 13, 6, 4
     unembed = torch.randn(V, D, generator=g)
     zs = torch.randn(B, T, H - 1, D, generator=g)
-    logits = torch.randn(B, T, V, generator=g)
+    h = torch.randn(B, T, D, generator=g)
     targets = torch.randint(0, V, (B, T), generator=g)
-    full = model_v6.hierarchical_predictive_loss(logits, targets, zs, unembed)[1]
+    full = model_v6.hierarchical_predictive_loss(h, unembed, targets, zs)[1]
     for part in ("horizon", "consistency"):
         mean, se = _sampled_mean(
-            lambda: model_v6.hierarchical_predictive_loss(logits, targets, zs, unembed, sample=True)[1][part], 1200)
+            lambda: model_v6.hierarchical_predictive_loss(h, unembed, targets, zs, sample=True)[1][part], 1200)
         assert abs(mean - full[part].item()) < 4 * se + 1e-6, (part, mean, full[part].item(), se)
 
 
@@ -1818,26 +1819,40 @@ def test_hierarchical_predictive_loss_matches_its_formula_and_ignores_pads():
     B, T, V, D, H = 2, 9, 11, 6, 4
     unembed = torch.randn(V, D, requires_grad=True)
     zs = torch.randn(B, T, H - 1, D, requires_grad=True)
-    logits = torch.randn(B, T, V, requires_grad=True)
+    h = torch.randn(B, T, D, requires_grad=True)
     targets = torch.randint(0, V, (B, T))
     targets[1, 6:] = -1                                    # right padding of row 1
-    def loss_fn(logits, targets, zs, unembed):
-        return model_v6.hierarchical_predictive_loss(logits, targets, zs, unembed, beta=0.3, gamma=0.8,
-                                                     consistency=0.1)
-    loss, aux = loss_fn(logits, targets, zs, unembed)
+    def loss_fn(h, targets, zs, unembed):
+        return model_v6.hierarchical_predictive_loss(h, unembed, targets, zs, beta=0.3, gamma=0.8, consistency=0.1)
+    loss, aux, logits = loss_fn(h, targets, zs, unembed)
     assert set(aux) == {"lm", "horizon", "consistency"}
-    hand = _hpl_hand(logits, targets, zs, unembed, 0.3, 0.8, 0.1)
+    assert max_diff(logits, h @ unembed.T) <= 1e-6 and not logits.requires_grad    # handed back, no graph
+    hand = _hpl_hand(h, targets, zs, unembed, 0.3, 0.8, 0.1)
     assert abs(loss.item() - hand.item()) < 1e-5
-    # same gradients as the formula, the unembedding's included (the KL is computed without a pass over V)
-    want = torch.autograd.grad(hand, (zs, unembed), retain_graph=True)
-    got = torch.autograd.grad(loss, (zs, unembed), retain_graph=True)
+    # the parts: aux["lm"] is the main CE, and the total is their weighted sum
+    lams = 0.3 * 0.8 ** torch.arange(H - 1)
+    ce = F.cross_entropy((h @ unembed.T).reshape(-1, V), targets.reshape(-1), ignore_index=-1)
+    assert abs(aux["lm"].item() - ce.item()) < 1e-5
+    parts = (aux["lm"] + lams.sum() * aux["horizon"]) / (1 + lams.sum()) + 0.1 * aux["consistency"]
+    assert abs(parts.item() - hand.item()) < 1e-5
+    # same gradients as the formula, for the hidden states, the offsets and the unembedding (one fused pass over
+    # V for the main head), the KL's stop-grad respected
+    want = torch.autograd.grad(hand, (h, zs, unembed), retain_graph=True)
+    got = torch.autograd.grad(loss, (h, zs, unembed), retain_graph=True)
     assert all(max_diff(g, w) < 1e-5 for g, w in zip(got, want))
+    # the fused main pass gives the same total and gradients whatever its row chunk
+    a, zsum = torch.rand(B * T), torch.randn(B * T, D, requires_grad=True)
+    fused = [model_v6.main_head_loss(h.reshape(-1, D), unembed, targets.reshape(-1).clamp_min(0), a, zsum, chunk)[0]
+             for chunk in (None, 5)]
+    grads = [torch.autograd.grad(f, (h, unembed, zsum)) for f in fused]
+    assert abs(fused[0].item() - fused[1].item()) < 1e-5
+    assert all(max_diff(g, w) < 1e-5 for g, w in zip(*grads))
     loss.backward()
-    assert logits.grad[1, 6:].abs().max() == 0             # pads: no loss, no gradient (the main head is detached
+    assert h.grad[1, 6:].abs().max() == 0                  # pads: no loss, no gradient (the main head is detached
     assert zs.grad[1, 5:].abs().max() == 0                 # in the consistency term; offsets >= 2 from t=5 on)
     # the loss of row 1 alone equals that of its unpadded prefix
-    one = loss_fn(logits[1:, :6], targets[1:, :6], zs[1:, :6], unembed)[0]
-    padded = loss_fn(logits[1:], targets[1:], zs[1:], unembed)[0]
+    one = loss_fn(h[1:, :6], targets[1:, :6], zs[1:, :6], unembed)[0]
+    padded = loss_fn(h[1:], targets[1:], zs[1:], unembed)[0]
     assert abs(one.item() - padded.item()) < 1e-5
 
 
@@ -2356,6 +2371,55 @@ def test_greedy_speculative_decoding_with_trained_horizon_heads_equals_greedy_an
         assert torch.equal(plain, speculative), (prompt_len, draft_len)
     hist = stats["accepted_hist"]
     assert sum(hist[3:]) > 0, f"no pass accepted 3 or more drafts: {hist}"
+
+
+def test_draw_samples_each_token_with_its_weight_and_never_a_zero_weight_token():
+    """generate.draw (inverse-CDF sampling) against the exact law: a chi-square test on 6 weights with two zeros,
+    unnormalised, for 2 rows at once; a zero-weight token is never drawn."""
+    w = torch.tensor([[0.0, 3.0, 1.0, 0.0, 4.0, 2.0], [5.0, 0.0, 0.0, 1.0, 1.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([generate.draw(w, g) for _ in range(6000)])                     # (6000, 2)
+    for row in range(2):
+        counts = torch.bincount(draws[:, row], minlength=6).double()
+        assert (counts[w[row] == 0] == 0).all(), counts
+        keep = w[row] > 0
+        expected = (w[row] / w[row].sum() * 6000).double()[keep]
+        assert chi_square_pvalue(counts[keep].numpy(), expected.numpy()) > 0.001, counts
+
+
+def test_planner_weighs_drafts_by_their_measured_cost_and_drafts_nothing_when_they_cost_more_than_they_bring():
+    """plan_drafts with RoundCosts: before any timing the prior 1 + cost k (+ read_cost for the heads) decides;
+    rounds 2 and 3 draft nothing to time the base step; once drafting from the heads has been timed at 3x a
+    plain step, drafts accepted half the time no longer pay (4 drafts bring at most 1.94 tokens for 3 steps), and
+    untimed draft counts are scaled by the same measured / prior ratio; timed at 1.1 steps, drafting pays again."""
+    model = tiny("v6", "token")
+    seq = torch.randperm(90, generator=torch.Generator().manual_seed(1))[None, :20] + 1   # no repeats: no lookup
+    with torch.no_grad():
+        out = model(seq[:, :-1])
+    read = generate.read_cost(model)
+    assert read == model.wte.weight.numel() / sum(p.numel() for p in model.parameters())
+    sources = {"heads": generate.DraftSource(4), "lookup": generate.DraftSource(4)}
+    for _ in range(generate.PROBES):                       # past the probes: the plan follows value alone
+        sources["heads"].record([0.5] * 4, torch.ones(4) * 0.5)
+    costs = generate.RoundCosts(4, 0.05, {"heads": read, "lookup": 0.0})
+    plan = lambda: generate.plan_drafts(model, seq, 4, out, 18, sources, 0.05, round_costs=costs)
+    want = core.best_draft_length([0.5] * 4, 0.05, read)
+    assert want > 0 and plan()[:2] == ("heads", want)     # prior costs: drafting pays
+    costs.record("heads", want, 0.001)                  # the first round pays one-off costs: not timed
+    assert costs.untimed() and plan() == (None, 0, None)   # rounds 2 and 3 time a plain step
+    costs.record(None, 0, 0.001)
+    costs.record(None, 0, 0.001)
+    assert not costs.untimed() and plan()[:2] == ("heads", want)   # heads not timed yet: still the prior
+    costs.record("heads", want, 0.003)
+    prior = core.draft_costs(4, 0.05, read)
+    scaled = [1.0] + [3.0 if k == want else prior[k] * 3.0 / prior[want] for k in range(1, 5)]
+    assert costs.costs("heads") == pytest.approx(scaled, rel=1e-12)  # untimed k: scaled
+    assert plan() == (None, 0, None)                      # timed at 3 steps, and the rest scaled alike: none pays
+    for k in range(1, 5):
+        costs.record("heads", k, 0.0011)
+    assert costs.costs("heads") == pytest.approx([1.0, 1.1, 1.1, 1.1, 1.1], rel=1e-12)
+    source, k, _ = plan()
+    assert source == "heads" and k > 0                    # cheap again: drafting pays
 
 
 def test_best_draft_length_maximises_expected_tokens_per_verification_cost():
