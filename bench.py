@@ -250,7 +250,13 @@ def timed_generate(model, prompt, n, **kw):
     return out, n / (time.perf_counter() - t0), stats
 
 
+GEN_REPEATS = 3   # cached and speculative runs are timed this many times, interleaved; the fastest of each counts
+
+
 def bench_generation(runs, s, data_dir):
+    """Uncached, cached and speculative decoding of every checkpoint, greedy and sampled. Single timings on a shared
+    CPU move by 10-20 %, as much as the differences measured, so the cached and speculative configurations are run
+    GEN_REPEATS times in turn and each reports its fastest run (the sampled ones restart from the same seed)."""
     n = s["gen_tokens"]
     val, _ = prepare_data.list_shards(data_dir)
     prompt = torch.from_numpy(prepare_data.load_shard(val[0])[:16].astype("int64"))[None]
@@ -258,18 +264,27 @@ def bench_generation(runs, s, data_dir):
     for (name, mode), run_dir in runs.items():
         model = core.model_from_checkpoint(core.load_checkpoint(run_dir)).eval()
         uncached, r_unc, _ = timed_generate(model, prompt, n, temperature=0, use_cache=False)
-        cached, r_c, _ = timed_generate(model, prompt, n, temperature=0)
-        speculative, r_s, st = timed_generate(model, prompt, n, temperature=0, speculative=True, draft_len=s["draft_len"])
-        g = torch.Generator().manual_seed(0)
-        _, r_cs, _ = timed_generate(model, prompt, n, temperature=0.8, top_k=50, generator=g)
-        _, r_ss, st_s = timed_generate(model, prompt, n, temperature=0.8, top_k=50, speculative=True,
-                                       draft_len=s["draft_len"], generator=g)
+        configs = {"cached": dict(temperature=0), "spec": dict(temperature=0, speculative=True),
+                   "sampled": dict(temperature=0.8, top_k=50),
+                   "spec_sampled": dict(temperature=0.8, top_k=50, speculative=True)}
+        best = {}
+        for _ in range(1 if s["fast"] else GEN_REPEATS):
+            for key, kw in configs.items():
+                kw = dict(kw, generator=torch.Generator().manual_seed(0)) if "top_k" in kw else kw
+                if kw.get("speculative"):
+                    kw = dict(kw, draft_len=s["draft_len"])
+                run = timed_generate(model, prompt, n, **kw)
+                if key not in best or run[1] > best[key][1]:
+                    best[key] = run
+        (cached, r_c, _), (speculative, r_s, st) = best["cached"], best["spec"]
+        r_cs, (r_ss, st_s) = best["sampled"][1], best["spec_sampled"][1:]
         same = torch.equal(uncached, cached) and torch.equal(cached, speculative)
         rows.append([model_label(name, mode), f"{r_unc:,.1f}", f"{r_c:,.1f}", f"{r_c / r_unc:.1f}x",
                      f"{r_s:,.1f}", f"{r_s / r_c:.2f}x", f"{n / st['model_calls']:.2f}",
                      f"{r_ss / r_cs:.2f}x", f"{n / st_s['model_calls']:.2f}", "yes" if same else "NO"])
     title = (f"Generation ({n} new tokens after a 16-token prompt, batch 1, CPU; speculative draft length "
-             f"{s['draft_len']}; sampled: temperature 0.8, top-k 50)")
+             f"{s['draft_len']}; sampled: temperature 0.8, top-k 50; cached and speculative: fastest of "
+             f"{1 if s['fast'] else GEN_REPEATS} interleaved runs)")
     header = ["model", "uncached tok/s", "cached tok/s", "cached vs uncached", "speculative tok/s",
               "speculative vs cached", "tokens/call (greedy)", "speculative vs cached (sampled)", "tokens/call (sampled)",
               "greedy outputs equal"]

@@ -987,52 +987,66 @@ class _LinearLogSumExp(torch.autograd.Function):
     pick with weights known in advance, so d loss / d logits = a softmax - b onehot is known chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, z, weight, index, a, b, chunk, grad_enabled):
+    def forward(ctx, z, weight, index, a, b, chunk, grad_enabled, keep_logits):
         b = a if b is None else b
         want_z, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         total = torch.zeros((), device=z.device, dtype=torch.float32)
-        lse, pick, argmax = [], [], []
+        lse, pick, argmax, out = [], [], [], None
         grad_z = torch.empty_like(z) if want_z else None
         grad_w = None  # the first chunk's product starts it: no pass to zero a (V, D) buffer
         for lo in range(0, z.size(0), chunk):
-            zc, ic = z[lo:lo + chunk], index[lo:lo + chunk, None]
-            logits = F.linear(zc, weight).float()                                    # (chunk, V): the only one
-            lse_c = torch.logsumexp(logits, -1)
-            pick_c = logits.gather(1, ic)[:, 0]
-            argmax.append(logits.argmax(-1))
-            total = total + (a[lo:lo + chunk] * lse_c - b[lo:lo + chunk] * pick_c).sum()
+            zc, ic, ac, bc = z[lo:lo + chunk], index[lo:lo + chunk], a[lo:lo + chunk], b[lo:lo + chunk]
+            logits = F.linear(zc, weight)                                            # (chunk, V): the only one
+            if keep_logits:
+                out = logits.new_empty(z.size(0), logits.size(1)) if out is None else out
+                out[lo:lo + chunk] = logits
+            logits = logits.float()
+            pick_c = logits.gather(1, ic[:, None])[:, 0]
+            top, top_i = logits.max(-1)                          # the max for a stable lse and the argmax: one pass
+            e = logits.sub_(top[:, None]).exp_()                 # exp(logits - max), in place
+            norm = e.sum(-1)
+            lse_c = top + norm.log()
+            argmax.append(top_i)
+            total = total + (ac * lse_c - bc * pick_c).sum()
             lse.append(lse_c)
             pick.append(pick_c)
-            if want_z or want_w:
-                g = logits.sub_(lse_c[:, None]).exp_().mul_(a[lo:lo + chunk, None])  # a softmax - b onehot
-                g.scatter_add_(1, ic, -b[lo:lo + chunk, None])
-                if want_z:
-                    grad_z[lo:lo + chunk] = (g.to(weight.dtype) @ weight).to(z.dtype)
-                if want_w:
-                    grad_w = g.t() @ zc.float() if grad_w is None else grad_w.addmm_(g.t(), zc.float())
+            # d total / d logits = a softmax - b onehot, and softmax = e / norm: the 1 / norm goes on the D side of
+            # each product, so no pass over (chunk, V) normalises e
+            if want_z:
+                gz = (e.to(weight.dtype) @ weight).float() * (ac / norm)[:, None] - bc[:, None] * weight[ic].float()
+                grad_z[lo:lo + chunk] = gz.to(z.dtype)
+            if want_w:
+                zf = zc.float()
+                gw = e.t() @ (zf * (ac / norm)[:, None])
+                grad_w = gw if grad_w is None else grad_w.add_(gw)
+                grad_w.index_add_(0, ic, -bc[:, None] * zf)
         ctx.save_for_backward(grad_z, grad_w)
         ctx.weight_dtype = weight.dtype
         lse, pick, argmax = torch.cat(lse), torch.cat(pick), torch.cat(argmax)
-        ctx.mark_non_differentiable(lse, pick, argmax)
-        return total, lse, pick, argmax
+        ctx.mark_non_differentiable(lse, pick, argmax, *([out] if keep_logits else []))
+        return total, lse, pick, argmax, out
 
     @staticmethod
     def backward(ctx, g_total, *_):
         grad_z, grad_w = ctx.saved_tensors
         return (None if grad_z is None else grad_z * g_total.to(grad_z.dtype),
-                None if grad_w is None else (grad_w * g_total).to(ctx.weight_dtype), None, None, None, None, None)
+                None if grad_w is None else (grad_w * g_total).to(ctx.weight_dtype),
+                None, None, None, None, None, None)
 
 
-def linear_lse_loss(z, weight, index, a, b=None, chunk=None):
+def linear_lse_loss(z, weight, index, a, b=None, chunk=None, keep_logits=False):
     """sum_r a_r logsumexp(z_r W^T) - b_r (z_r W^T)[index_r], in fp32, for rows z (N, D), weight W (V, D), per-row
     coefficients a, b (N,) (no gradient; b None: b = a, the a-weighted sum of cross-entropies). The (N, V)
     logits are never materialised: rows go through in chunks of about 8M logits, each chunk's gradient is taken
     at once, and nothing of size V is kept for the backward (3 matmuls, no recomputation, one pass over the
-    logits held in cache). -> (total, lse (N,), pick (N,), argmax (N,)); only total carries a gradient."""
+    logits held in cache). -> (total, lse (N,), pick (N,), argmax (N,)); only total carries a gradient. With
+    keep_logits, a fifth element: the logits (N, V), written once chunk by chunk, without a graph (a main head's
+    loss through this pass still hands its logits to the caller)."""
     chunk = chunk or max(16, (1 << 23) // weight.size(0))
     # grad mode is off inside a Function's forward, so whether a backward can come is read here
-    return _LinearLogSumExp.apply(z, weight, index, a.float(), None if b is None else b.float(), chunk,
-                                  torch.is_grad_enabled())
+    out = _LinearLogSumExp.apply(z, weight, index, a.float(), None if b is None else b.float(), chunk,
+                                 torch.is_grad_enabled(), keep_logits)
+    return out if keep_logits else out[:4]
 
 
 def offset_rows(n_rows, n_offsets, device, share=None):

@@ -278,10 +278,12 @@ class _MainHeadAndConsistency(torch.autograd.Function):
                 logits_out = logits.new_empty(h.size(0), logits.size(1))
             logits_out[lo:lo + chunk] = logits
             logits = logits.float()
-            lse_c = torch.logsumexp(logits, -1)
             pick_c = logits.gather(1, ic.clamp_min(0)[:, None])[:, 0]
-            p = logits.sub_(lse_c[:, None]).exp_()                                  # softmax, in place
-            s = p @ w32                                                             # (chunk, D): E_p[W]
+            top = logits.amax(-1)
+            e = logits.sub_(top[:, None]).exp_()                    # exp(logits - max), in place: softmax * norm
+            norm = e.sum(-1)
+            lse_c = top + norm.log()
+            s = (e @ w32) / norm[:, None]                           # (chunk, D): E_p[W], normalised on the D side
             total = total + (ac * (lse_c - pick_c)).sum() - (zc * s).sum()
             lse.append(lse_c)
             pick.append(pick_c)
@@ -290,7 +292,7 @@ class _MainHeadAndConsistency(torch.autograd.Function):
                 grad_h[lo:lo + chunk] = (ac[:, None] * (s - w32[ic.clamp_min(0)])).to(h.dtype)
             if want_w:
                 ah = ac[:, None] * hc.float()
-                g = p.t() @ (ah - zc)
+                g = e.t() @ ((ah - zc) / norm[:, None])
                 grad_w = g if grad_w is None else grad_w.add_(g)
                 grad_w.index_add_(0, ic.clamp_min(0), -ah)
         ctx.save_for_backward(grad_h, grad_w, -torch.cat(expected) if want_z else None)

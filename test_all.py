@@ -1759,6 +1759,8 @@ def test_linear_lse_loss_equals_autograd_on_the_full_logits_in_value_gradient_an
     for b_ in (b, None):
         total, lse, pick, argmax = core.linear_lse_loss(z, w, index, a, b_, chunk=8)  # 5 chunks, the last short
         logits = z @ w.t()
+        kept = core.linear_lse_loss(z, w, index, a, b_, chunk=8, keep_logits=True)[4]
+        assert max_diff(kept, logits) <= 1e-5 and not kept.requires_grad
         want = (a * logits.logsumexp(-1) - (a if b_ is None else b_) * logits.gather(1, index[:, None])[:, 0]).sum()
         assert abs(total.item() - want.item()) < 1e-4 * abs(want.item())
         assert torch.allclose(lse, logits.logsumexp(-1), atol=1e-5) and torch.equal(argmax, logits.argmax(-1))
@@ -2066,6 +2068,13 @@ def test_poincare_maps_have_finite_gradients_at_zero_and_at_1e4():
         assert torch.isfinite(x).all() and torch.isfinite(e.grad).all()
 
 
+def test_asinh_sqrt_is_as_accurate_as_torch_asinh_from_the_floor_to_1e8():
+    q = torch.cat([torch.tensor([model_v8_2.HALF_Q_FLOOR, 1e-9, 1e-6, 1e-3, 1.0]), torch.logspace(-12, 8, 2001)])
+    ref = q.double().sqrt().asinh()
+    for got in (model_v8_2.asinh_sqrt_(q.clone()), model_v8_2.asinh_sqrt_(q.clone(), out=torch.empty_like(q))):
+        assert ((got.double() - ref).abs() / ref).max().item() <= 1e-6          # torch.asinh's own: ~2e-7
+
+
 def test_poincare_distance_is_zero_on_the_diagonal_and_symmetric():
     x = model_v8_2.exp0(torch.randn(20, 16) * 0.25)    # |e| ~ 1, like the head's points at init
     y = model_v8_2.exp0(torch.randn(20, 16) * 0.5)
@@ -2310,6 +2319,8 @@ def test_v8_2_chunked_readout_loss_equals_the_readouts_cross_entropy_in_value_gr
     logits = model.readout(z)
     want = (a * F.cross_entropy(logits, index, reduction="none")).sum()
     assert abs(total.item() - want.item()) < 1e-4 and torch.equal(argmax, logits.argmax(-1))
+    kept = model.readout_lse(z, index, a, keep_logits=True)[4]       # the logits the main head hands back
+    assert max_diff(kept, logits) <= 1e-5 and not kept.requires_grad
     params = [z] + list(model.parameters())
     got, ref = (torch.autograd.grad(t, params, allow_unused=True) for t in (total, want))
     for x, y in zip(got, ref):
