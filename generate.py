@@ -183,9 +183,10 @@ def generate_ragged(model, prompts, max_new_tokens, temperature=1.0, top_k=None,
 # acceptance heads; else PRIOR_ACCEPTANCE) times the ratio of realised to predicted acceptance of that source's
 # draft j so far in this generation, with EVIDENCE rounds of prior at ratio 1. That ratio is what moves the estimate
 # from greedy acceptance (what the heads are trained on) to sampled acceptance; so that a pessimistic prediction
-# can be corrected too, the first PROBES rounds draft at least one token from the heads. None of it can change the output:
-# verification keeps greedy decoding exact and sampling distributed as the model's. Drafting from the heads has
-# a price of its own whatever k is, one more pass over the unembedding (read_cost), so weak heads draft nothing.
+# can be corrected too, the first PROBES rounds draft at least one token from the heads (fewer, once the heads have
+# realised under half their prediction). None of it can change the output: verification keeps greedy decoding exact
+# and sampling distributed as the model's. Drafting from the heads has a price of its own whatever k is, one more
+# pass over the unembedding (read_cost), so weak heads draft nothing.
 
 DRAFT_COST = 0.05       # verifying k drafts costs ~ 1 + DRAFT_COST * k one-token steps (batch 1, d_model 128, CPU)
 PRIOR_ACCEPTANCE = 0.5  # acceptance of a draft before any evidence, for sources without a calibrated prediction
@@ -311,7 +312,10 @@ def plan_drafts(model, seq, room, prev_out, prev_index, sources, cost, probes=PR
         costs = round_costs.costs(name)
         k = core.best_draft_length(estimate, costs)
         value = expected_tokens_per_cost(estimate, k, costs)
-        if name == "heads" and sources[name].count[0] < probes:   # measure the heads whatever they predict
+        src = sources[name]
+        if name == "heads" and src.count[0] < probes and src.realised[0] >= 0.5 * src.predicted[0]:
+            # measure the heads whatever they predict, so a pessimistic prediction gets corrected; once the heads
+            # have delivered under half of what they predicted, the estimate already falls and probing stops
             return name, max(k, 1), predicted[:max(k, 1)]
         if k and value > best:
             best, plan = value, (name, k, predicted[:k])

@@ -372,7 +372,7 @@ class Model(core.LM):
         self.selector_bias = nn.Parameter(torch.zeros(self.n_attn, N_PATTERNS))             # b_l
         self.horizon = CoarseToFineHorizon(c.d_model, c.horizon, c.bias)
         self.ln_f = core.LayerNorm(c.d_model, c.bias)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = core.Unembedding(c.d_model, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         self.apply(core.init_weights)
         # routers start with per-token spread (core.init_router): the task analyzer's summand and classifier, the

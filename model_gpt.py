@@ -31,7 +31,7 @@ class Model(core.LM):
         self.blocks = nn.ModuleList(core.Block(config.d_model, config.n_heads, config.bias, config.dropout)
                                     for _ in range(config.n_layers))
         self.ln_f = core.LayerNorm(config.d_model, config.bias)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = core.Unembedding(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017)
         self.apply(core.init_weights)
         core.scale_residual_projections(self, config.n_layers)

@@ -168,7 +168,7 @@ class Model(core.LM):
         self.blocks = nn.ModuleList(core.Block(c.d_model, c.n_heads, c.bias, c.dropout) for _ in range(c.n_layers))
         self.lattice = OffsetRoutingLattice(c.d_model, c.lattice_window, c.bias)
         self.ln_f = core.LayerNorm(c.d_model, c.bias)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = core.Unembedding(c.d_model, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017); the horizon heads read it too
         # horizon offsets 2..H: LN(h + U_k h), a residual so every offset starts near the main head's prediction
         self.horizon = nn.Linear(c.d_model, (c.horizon - 1) * c.d_model, bias=False) if c.horizon > 1 else None

@@ -296,7 +296,7 @@ class Model(core.LM):
             self.chunk = core.ChunkHierarchy(trunk, c.d_model, c.n_heads, c.n_local_layers, c.chunk_size,
                                              c.max_seq_len, c.bias, c.dropout)
         self.ln_f = core.LayerNorm(c.d_model, c.bias)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = core.Unembedding(c.d_model, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017); the horizon predictor reads it too
         self.horizon = MultiScaleHorizon(c.d_model, c.horizon - 1, c.bias)
         self.apply(core.init_weights)

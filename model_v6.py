@@ -315,7 +315,7 @@ def main_head_loss(h, weight, index, a, zsum, chunk=None):
     included, P's is stopped, as in KL(sg(p) || q)). -> (total, logits (N, V) without a graph, lse (N,),
     pick (N,), S (N, D)); only total carries a gradient. The logits are written once, chunk by chunk, for the
     caller to read; no fp32 (N, V) tensor is kept for the backward."""
-    chunk = chunk or max(16, (1 << 23) // weight.size(0))
+    chunk = chunk or max(16, (1 << 23) // weight.size(0) // 8 * 8)
     return _MainHeadAndConsistency.apply(h, weight, index, a.float(), zsum.float(), chunk,
                                          torch.is_grad_enabled())
 
@@ -431,7 +431,7 @@ class Model(core.LM):
                                                     c.max_seq_len, c.cross_window, c.bias,
                                                     c.dropout)
         self.ln_f = core.LayerNorm(c.d_model, c.bias)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = core.Unembedding(c.d_model, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017); the horizon heads read it too
         self.horizon = self.build_horizon(c)
         self._injections = None

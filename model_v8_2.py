@@ -811,7 +811,7 @@ class Model(core.LM):
         2 |W_p z - e_v| / T instead: the distance the ball's formula tends to as the curvature goes to 0 (exp0 and
         the metric's conformal factor 2 / (1 - c|x|^2) both become flat), i.e. the model with the ball taken out."""
         if not self.config.hyperbolic_head:
-            return F.linear(z, self.wte.weight if table is None else table) * self.logit_scale
+            return core.linear_rows(z, self.wte.weight if table is None else table) * self.logit_scale
         c = self.config.curvature
         with torch.autocast(z.device.type, enabled=False):   # hyperbolic maps and distances in fp32: see exp0_gap
             tangent = self.hyper_proj(z.float()).reshape(-1, z.size(-1))
@@ -821,7 +821,7 @@ class Model(core.LM):
                 logits = torch.addcmul(self.hyper_bias.float(), dist, -inv_temp)
             else:
                 table = self.head_table() if table is None else table
-                half_q = ball_rows(exp0(tangent, c), c, exp0_gap(tangent, c)) @ table.t()     # (N, V) fp32
+                half_q = core.linear_rows(ball_rows(exp0(tangent, c), c, exp0_gap(tangent, c)), table)  # (N, V)
                 logits = BallLogits.apply(half_q, self.hyper_bias.float(), inv_temp * (2 / math.sqrt(c)))
         return logits.reshape(*z.shape[:-1], -1)
 
@@ -839,7 +839,8 @@ class Model(core.LM):
             k = self.hyper_log_inv_temp.float().exp() * (2 / math.sqrt(c))
             cols = self.head_table() if table is None else table
             out = BallLogSumExp.apply(rows, cols, self.hyper_bias.float(), k, index, a.float(), None,
-                                      max(16, (1 << 23) // cols.size(0)), torch.is_grad_enabled(), keep_logits)
+                                      max(16, (1 << 23) // cols.size(0) // 8 * 8), torch.is_grad_enabled(),
+                                      keep_logits)
             return out if keep_logits else out[:4]
 
     def horizon_states(self, h):

@@ -1749,6 +1749,19 @@ def test_sampled_horizon_loss_is_an_unbiased_estimate_of_the_full_loss_at_one_he
     assert torch.equal(core.offset_rows(B * T, H - 1, "cpu")[2], torch.arange(B * T))
 
 
+def test_linear_rows_is_f_linear_for_every_row_count_and_every_model_unembeds_through_it():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(37, 8, generator=g), torch.randn(37, generator=g)
+    for shape in [(1, 8), (2, 8), (3, 8), (6, 8), (7, 8), (1, 3, 8), (2, 3, 8), (9, 8)]:
+        x = torch.randn(*shape, generator=g)
+        for bias in (None, b):
+            got = core.linear_rows(x, w, bias)
+            assert got.shape == shape[:-1] + (37,) and max_diff(got, F.linear(x, w, bias)) <= 1e-6, shape
+    for name in core.MODELS:
+        if name != "v8_2":   # v8.2 reads out through its distance head (readout), which calls linear_rows itself
+            assert isinstance(tiny(name).lm_head, core.Unembedding), name
+
+
 def test_linear_lse_loss_equals_autograd_on_the_full_logits_in_value_gradient_and_argmax():
     """The chunked pass (gradients taken in the forward) is the formula sum a lse - b pick on the full logits."""
     g = torch.Generator().manual_seed(0)
