@@ -1054,6 +1054,12 @@ class _LinearLogSumExp(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+def lse_chunk_rows(vocab_size):
+    """Rows per chunk of a chunked pass over the vocabulary: about 8M logits (a chunk's (rows, V) tensors stay
+    small), in whole blocks of 8 rows, so the CPU GEMM never runs a slow 2- or 3-row remainder (linear_rows)."""
+    return max(16, (1 << 23) // vocab_size // 8 * 8)
+
+
 def linear_lse_loss(z, weight, index, a, b=None, chunk=None, keep_logits=False):
     """sum_r a_r logsumexp(z_r W^T) - b_r (z_r W^T)[index_r], in fp32, for rows z (N, D), weight W (V, D), per-row
     coefficients a, b (N,) (no gradient; b None: b = a, the a-weighted sum of cross-entropies). The (N, V)
@@ -1062,7 +1068,7 @@ def linear_lse_loss(z, weight, index, a, b=None, chunk=None, keep_logits=False):
     logits held in cache). -> (total, lse (N,), pick (N,), argmax (N,)); only total carries a gradient. With
     keep_logits, a fifth element: the logits (N, V), written once chunk by chunk, without a graph (a main head's
     loss through this pass still hands its logits to the caller)."""
-    chunk = chunk or max(16, (1 << 23) // weight.size(0) // 8 * 8)   # whole blocks of rows for the GEMM: linear_rows
+    chunk = chunk or lse_chunk_rows(weight.size(0))
     # grad mode is off inside a Function's forward, so whether a backward can come is read here
     out = _LinearLogSumExp.apply(z, weight, index, a.float(), None if b is None else b.float(), chunk,
                                  torch.is_grad_enabled(), keep_logits)

@@ -315,7 +315,7 @@ def main_head_loss(h, weight, index, a, zsum, chunk=None):
     included, P's is stopped, as in KL(sg(p) || q)). -> (total, logits (N, V) without a graph, lse (N,),
     pick (N,), S (N, D)); only total carries a gradient. The logits are written once, chunk by chunk, for the
     caller to read; no fp32 (N, V) tensor is kept for the backward."""
-    chunk = chunk or max(16, (1 << 23) // weight.size(0) // 8 * 8)
+    chunk = chunk or core.lse_chunk_rows(weight.size(0))
     return _MainHeadAndConsistency.apply(h, weight, index, a.float(), zsum.float(), chunk,
                                          torch.is_grad_enabled())
 

@@ -839,8 +839,7 @@ class Model(core.LM):
             k = self.hyper_log_inv_temp.float().exp() * (2 / math.sqrt(c))
             cols = self.head_table() if table is None else table
             out = BallLogSumExp.apply(rows, cols, self.hyper_bias.float(), k, index, a.float(), None,
-                                      max(16, (1 << 23) // cols.size(0) // 8 * 8), torch.is_grad_enabled(),
-                                      keep_logits)
+                                      core.lse_chunk_rows(cols.size(0)), torch.is_grad_enabled(), keep_logits)
             return out if keep_logits else out[:4]
 
     def horizon_states(self, h):
