@@ -548,6 +548,20 @@ def chaoslogic_routing_rows(name, model, windows):
     return rows
 
 
+@mechanism
+@torch.no_grad()
+def spine_attention_rows(name, model, windows):
+    """v6 / v7.1.2's causal spine attention (every position reads itself, a local window and its spine-offset
+    predecessors): the held-out loss with its blocks switched off (each returns its input) minus with them on."""
+    if not any(isinstance(m, core.SpineBlock) for m in model.modules()):
+        return []
+    base = held_out_loss(model, windows)
+    with core.spine_attention_off(model) as n_blocks:
+        off = held_out_loss(model, windows) - base
+    return [dict(model=name, mechanism="spine attention", measure=f"held-out loss with its {n_blocks} block(s) on",
+                 value=base, ablation_dloss=off)]
+
+
 # -----------------------------------------------------------------------------
 # memory
 

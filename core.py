@@ -13,6 +13,7 @@ Generation lives in generate.py and the paged KV cache in paged_cache.py; a mode
 assembly live in its model_*.py file. Imports run one way: model files -> core -> nothing of theirs.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -379,11 +380,11 @@ class LM(nn.Module):
     def draft_logits(self, prev_out, prev_index, k):
         """(k', V) logits, k' <= k, of horizon offsets 2..k'+1 at position prev_index of prev_out's row 0 (they
         draft the k' tokens after the pending one; speculative decoding reads them), or None for a model without
-        horizon states. Offsets read out through the tied head, all of them in one product whatever k is: at batch 1
-        the product streams the unembedding once for any few rows, so the cost does not grow with k (linear_rows)."""
+        horizon states. The k offsets read out through the tied head in one product (linear_rows): at batch 1 it
+        streams the unembedding once for a few rows, so the cost hardly grows with k, but it is lowest at one row."""
         if prev_out.horizon_hidden is None:
             return None
-        return linear_rows(prev_out.horizon_hidden[0, prev_index], self.lm_head.weight)[:k]
+        return linear_rows(prev_out.horizon_hidden[0, prev_index, :k], self.lm_head.weight)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
@@ -410,15 +411,17 @@ def prompt_lookup_draft(seq, k, max_ngram=3):
     """Model-free drafts (prompt lookup decoding, as vLLM's "ngram" speculator): find the latest earlier
     occurrence of the sequence's last n tokens and propose the k tokens that followed it.
     seq: (1, N) -> (drafts (k',) with k' <= k, None); None means each draft is deterministic (q one-hot)."""
-    tokens = seq[0].tolist()
-    N = len(tokens)
+    ids = seq[0].to(device="cpu", dtype=torch.int64)
+    buf, N = ids.numpy().tobytes(), ids.numel()        # 8 bytes a token: bytes.rfind searches at C speed
     for n in range(min(max_ngram, N - 1), 0, -1):
-        tail = tokens[N - n:]
-        for start in range(N - n - 1, -1, -1):
-            if tokens[start:start + n] == tail:
-                follow = tokens[start + n:start + n + k]
-                return torch.tensor(follow, dtype=torch.long, device=seq.device), None
-    return torch.empty(0, dtype=torch.long, device=seq.device), None
+        tail = buf[8 * (N - n):]
+        at = buf.rfind(tail, 0, 8 * (N - 1))           # an occurrence that ends before the last token
+        while at > 0 and at % 8:                       # straddles two tokens: look further back
+            at = buf.rfind(tail, 0, at + 8 * n - 1)
+        if at >= 0:
+            start = at // 8
+            return seq[0, start + n:start + n + k].clone(), None
+    return seq.new_empty(0), None
 
 
 def draft_costs(K, cost, overhead=0.0):
@@ -824,6 +827,19 @@ class SpineBlock(Block):
         self.attn = SpineSelfAttention(d_model, n_heads, max_len, window, bias, dropout)
 
 
+@contextlib.contextmanager
+def spine_attention_off(model):
+    """Inside the block every SpineBlock of `model` returns its input unchanged: spine attention switched off, for
+    measuring what it does (bench.py's mechanisms table). Nothing is written to the weights."""
+    hooks = [m.register_forward_hook(lambda mod, args, out: args[0]) for m in model.modules()
+             if isinstance(m, SpineBlock)]
+    try:
+        yield len(hooks)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 class SpineCache(Cache):
     """The KV caches of a SpineTrunk (bottom layers, then top layers) and its lattice input rows (B, n_spine, D).
 
@@ -1003,15 +1019,17 @@ def horizon_targets(targets, offset):
 
 class _LinearLogSumExp(torch.autograd.Function):
     """See linear_lse_loss. The gradients are computed in the forward, one row chunk at a time, and only scaled by
-    the upstream gradient in the backward (as Liger's fused linear cross-entropy): the loss is linear in lse and
-    pick with weights known in advance, so d loss / d logits = a softmax - b onehot is known chunk by chunk."""
+    the upstream gradient in the backward (as Liger's fused linear cross-entropy): the loss is linear in lse, pick
+    and S with weights known in advance, so d loss / d logits = a softmax - b onehot is known chunk by chunk. The
+    softmax P of a chunk serves the cross-entropy and the pull term at once: S = P W is also the product that gives
+    d loss / d z = a S - b W[index], and W's gradient from both terms is one product P^T (a z - pull)."""
 
     @staticmethod
-    def forward(ctx, z, weight, index, a, b, chunk, grad_enabled, keep_logits):
+    def forward(ctx, z, weight, index, a, b, pull, chunk, grad_enabled, keep_logits):
         b = a if b is None else b
-        want_z, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        want_z, want_w, want_pull = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1, 5))
         total = torch.zeros((), device=z.device, dtype=torch.float32)
-        lse, pick, argmax, out = [], [], [], None
+        lse, pick, argmax, expected, out = [], [], [], [], None
         grad_z = torch.empty_like(z) if want_z else None
         grad_w = None  # the first chunk's product starts it: no pass to zero a (V, D) buffer
         for lo in range(0, z.size(0), chunk):
@@ -1030,28 +1048,36 @@ class _LinearLogSumExp(torch.autograd.Function):
             total = total + (ac * lse_c - bc * pick_c).sum()
             lse.append(lse_c)
             pick.append(pick_c)
-            # d total / d logits = a softmax - b onehot, and softmax = e / norm: the 1 / norm goes on the D side of
-            # each product, so no pass over (chunk, V) normalises e
+            # softmax = e / norm: the 1 / norm goes on the D side of each product, so no pass over (chunk, V)
+            # normalises e
+            if want_z or pull is not None:
+                s = (e.to(weight.dtype) @ weight).float() / norm[:, None]              # (chunk, D): S = P W
+            if pull is not None:
+                total = total - (pull[lo:lo + chunk] * s).sum()
+                expected.append(s)
             if want_z:
-                gz = (e.to(weight.dtype) @ weight).float() * (ac / norm)[:, None] - bc[:, None] * weight[ic].float()
-                grad_z[lo:lo + chunk] = gz.to(z.dtype)
+                grad_z[lo:lo + chunk] = (ac[:, None] * s - bc[:, None] * weight[ic].float()).to(z.dtype)
             if want_w:
                 zf = zc.float()
-                gw = e.t() @ (zf * (ac / norm)[:, None])
+                side = zf * ac[:, None] if pull is None else zf * ac[:, None] - pull[lo:lo + chunk]
+                gw = e.t() @ (side / norm[:, None])
                 grad_w = gw if grad_w is None else grad_w.add_(gw)
                 grad_w.index_add_(0, ic, -bc[:, None] * zf)
-        ctx.save_for_backward(grad_z, grad_w)
+        expected = torch.cat(expected) if pull is not None else None
+        ctx.save_for_backward(grad_z, grad_w, -expected if want_pull else None)
         ctx.weight_dtype = weight.dtype
         lse, pick, argmax = torch.cat(lse), torch.cat(pick), torch.cat(argmax)
-        ctx.mark_non_differentiable(lse, pick, argmax, *([out] if keep_logits else []))
-        return total, lse, pick, argmax, out
+        ctx.mark_non_differentiable(lse, pick, argmax, *(t for t in (out, expected) if t is not None))
+        return total, lse, pick, argmax, out, expected
 
     @staticmethod
     def backward(ctx, g_total, *_):
-        grad_z, grad_w = ctx.saved_tensors
+        grad_z, grad_w, grad_pull = ctx.saved_tensors
         return (None if grad_z is None else grad_z * g_total.to(grad_z.dtype),
                 None if grad_w is None else (grad_w * g_total).to(ctx.weight_dtype),
-                None, None, None, None, None, None)
+                None, None, None,
+                None if grad_pull is None else grad_pull * g_total,
+                None, None, None)
 
 
 def lse_chunk_rows(vocab_size):
@@ -1060,19 +1086,23 @@ def lse_chunk_rows(vocab_size):
     return max(16, (1 << 23) // vocab_size // 8 * 8)
 
 
-def linear_lse_loss(z, weight, index, a, b=None, chunk=None, keep_logits=False):
+def linear_lse_loss(z, weight, index, a, b=None, chunk=None, keep_logits=False, pull=None):
     """sum_r a_r logsumexp(z_r W^T) - b_r (z_r W^T)[index_r], in fp32, for rows z (N, D), weight W (V, D), per-row
     coefficients a, b (N,) (no gradient; b None: b = a, the a-weighted sum of cross-entropies). The (N, V)
     logits are never materialised: rows go through in chunks of about 8M logits, each chunk's gradient is taken
     at once, and nothing of size V is kept for the backward (3 matmuls, no recomputation, one pass over the
-    logits held in cache). -> (total, lse (N,), pick (N,), argmax (N,)); only total carries a gradient. With
-    keep_logits, a fifth element: the logits (N, V), written once chunk by chunk, without a graph (a main head's
-    loss through this pass still hands its logits to the caller)."""
+    logits held in cache). -> (total, lse (N,), pick (N,), argmax (N,)); only total carries a gradient.
+    keep_logits adds the logits (N, V), written once chunk by chunk, without a graph (a main head's loss through
+    this pass still hands its logits to the caller).
+    pull (N, D) adds - sum_r pull_r . S_r to the total, S_r = sg(softmax(z_r W^T)) W the expected unembedding row
+    (W's gradient through S included, the softmax's stopped; pull's gradient is -S), and S (N, D) to the outputs:
+    a KL(sg(p) || q_k) toward another head's rows z_k (v6's consistency term) has its p-side terms from this pass
+    with pull_r = sum_k w_k z_k, and S gives sum p log p = z . S - lse without a second pass over V."""
     chunk = chunk or lse_chunk_rows(weight.size(0))
     # grad mode is off inside a Function's forward, so whether a backward can come is read here
-    out = _LinearLogSumExp.apply(z, weight, index, a.float(), None if b is None else b.float(), chunk,
-                                 torch.is_grad_enabled(), keep_logits)
-    return out if keep_logits else out[:4]
+    out = _LinearLogSumExp.apply(z, weight, index, a.float(), None if b is None else b.float(),
+                                 None if pull is None else pull.float(), chunk, torch.is_grad_enabled(), keep_logits)
+    return out[:4] + ((out[4],) if keep_logits else ()) + ((out[5],) if pull is not None else ())
 
 
 def offset_rows(n_rows, n_offsets, device, share=None):

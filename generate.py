@@ -369,9 +369,13 @@ def speculative_decode(model, idx, max_new_tokens, temperature=1.0, top_k=None, 
     t0 = time.perf_counter()
     calls, accepted_hist, rounds = 0, [0] * (draft_len + 1), []
     prev_out, prev_index = None, None
-    if 1 < seq.size(1) <= L:
-        prev_out = model(seq[:, :-1], cache=cache, start_pos=0)
-        prev_index, calls = seq.size(1) - 2, calls + 1
+    if seq.size(1) <= L and max_new_tokens > 0:
+        # the prompt's pass gives the first token, as plain decoding's prefill does, and the heads' drafts after it
+        prev_out = model(seq, cache=cache, start_pos=0)
+        prev_index, calls = seq.size(1) - 1, calls + 1
+        token = sample(prev_out.logits[:, -1], temperature, top_k, top_p, generator)[:, None]
+        seq = torch.cat([seq, token], 1)
+        callback(token)
     while seq.size(1) < target_len:
         N = seq.size(1)
         if N > L:  # past the context every step re-reads the last L tokens, like the uncached loop
@@ -392,12 +396,14 @@ def speculative_decode(model, idx, max_new_tokens, temperature=1.0, top_k=None, 
             source, k, predicted = plan
             drafts, q = propose(model, seq, plan, prev_out, prev_index, temperature, top_k, top_p, generator)
         rounds.append((source, k))
-        verify_in = torch.cat([seq[:, -1:], drafts[None]], 1)           # (1, 1 + k)
+        verify_in = torch.cat([seq[:, -1:], drafts[None]], 1) if k else seq[:, -1:]          # (1, 1 + k)
         out = model(verify_in, cache=cache, start_pos=N - 1)            # logits for positions N .. N + k
         calls += 1
         logits = out.logits[0]
         n_acc = 0
-        if temperature == 0:
+        if k == 0:  # nothing to verify: the round is a plain decoding step
+            next_token = sample(logits, temperature, top_k, top_p, generator)[0]
+        elif temperature == 0:
             target = logits.argmax(-1)                                   # (1 + k,)
             while n_acc < k and drafts[n_acc] == target[n_acc]:
                 n_acc += 1
@@ -424,7 +430,7 @@ def speculative_decode(model, idx, max_new_tokens, temperature=1.0, top_k=None, 
             # the acceptance probability of each reached draft, sum min(p, q): less noisy than accept / reject
             reached = min(n_acc + 1, k)
             realised = torch.minimum(p[:reached], q_full[:reached]).sum(-1)
-        if source in sources:
+        if k and source in sources:
             sources[source].record(predicted, realised)
         accepted_hist[n_acc] += 1
         new = torch.cat([drafts[:n_acc], next_token[None]])[None, :target_len - N]

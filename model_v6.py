@@ -256,70 +256,6 @@ def check_anchor(anchor, max_seq_len, chunk_size, spine_only=True):
         raise core.UsageError(f"injection anchor {anchor} is not a spine position; use one of {spine}")
 
 
-class _MainHeadAndConsistency(torch.autograd.Function):
-    """See main_head_loss. One pass over the unembedding, a chunk of rows at a time, with every gradient taken in
-    the forward (as core.linear_lse_loss) and only scaled in the backward. The softmax P of a chunk serves the
-    cross-entropy and the consistency term at once: S = P W gives d loss / d h = a (S - W[target]) without a second
-    product with W, and the unembedding's gradient from both terms is one product P^T (a h - Z) less a scatter of
-    a h at the targets, where an unfused step pays five (N, V) x D products and a log-softmax over (N, V)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, index, a, zsum, chunk, grad_enabled):
-        want_h, want_w, want_z = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1, 4))
-        w32 = weight.float()
-        total = torch.zeros((), device=h.device, dtype=torch.float32)
-        logits_out, lse, pick, expected = None, [], [], []
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_w = None   # the first chunk's product starts it: no pass to zero a (V, D) buffer
-        for lo in range(0, h.size(0), chunk):
-            hc, ic, ac, zc = h[lo:lo + chunk], index[lo:lo + chunk], a[lo:lo + chunk], zsum[lo:lo + chunk]
-            logits = F.linear(hc, weight)                                           # (chunk, V)
-            if logits_out is None:
-                logits_out = logits.new_empty(h.size(0), logits.size(1))
-            logits_out[lo:lo + chunk] = logits
-            logits = logits.float()
-            pick_c = logits.gather(1, ic.clamp_min(0)[:, None])[:, 0]
-            top = logits.amax(-1)
-            e = logits.sub_(top[:, None]).exp_()                    # exp(logits - max), in place: softmax * norm
-            norm = e.sum(-1)
-            lse_c = top + norm.log()
-            s = (e @ w32) / norm[:, None]                           # (chunk, D): E_p[W], normalised on the D side
-            total = total + (ac * (lse_c - pick_c)).sum() - (zc * s).sum()
-            lse.append(lse_c)
-            pick.append(pick_c)
-            expected.append(s)
-            if want_h:
-                grad_h[lo:lo + chunk] = (ac[:, None] * (s - w32[ic.clamp_min(0)])).to(h.dtype)
-            if want_w:
-                ah = ac[:, None] * hc.float()
-                g = e.t() @ ((ah - zc) / norm[:, None])
-                grad_w = g if grad_w is None else grad_w.add_(g)
-                grad_w.index_add_(0, ic.clamp_min(0), -ah)
-        ctx.save_for_backward(grad_h, grad_w, -torch.cat(expected) if want_z else None)
-        ctx.weight_dtype = weight.dtype
-        lse, pick, expected = torch.cat(lse), torch.cat(pick), torch.cat(expected)
-        ctx.mark_non_differentiable(logits_out, lse, pick, expected)
-        return total, logits_out, lse, pick, expected
-
-    @staticmethod
-    def backward(ctx, g_total, *_):
-        grad_h, grad_w, grad_z = ctx.saved_tensors
-        scale = lambda g, dtype=None: None if g is None else (g * g_total).to(dtype or g.dtype)
-        return scale(grad_h), scale(grad_w, ctx.weight_dtype), None, None, scale(grad_z), None, None
-
-
-def main_head_loss(h, weight, index, a, zsum, chunk=None):
-    """sum_r a_r CE_r - sum_r zsum_r . S_r for rows h (N, D) through the tied unembedding W (V, D), with targets
-    index (N,) (-1: a_r must be 0), S_r = sg(softmax(h_r W^T)) W the expected unembedding row under the main head,
-    and zsum (N, D) the consistency term's pull on row r (its gradient is -S_r; W's gradient through S is
-    included, P's is stopped, as in KL(sg(p) || q)). -> (total, logits (N, V) without a graph, lse (N,),
-    pick (N,), S (N, D)); only total carries a gradient. The logits are written once, chunk by chunk, for the
-    caller to read; no fp32 (N, V) tensor is kept for the backward."""
-    chunk = chunk or core.lse_chunk_rows(weight.size(0))
-    return _MainHeadAndConsistency.apply(h, weight, index, a.float(), zsum.float(), chunk,
-                                         torch.is_grad_enabled())
-
-
 def hierarchical_predictive_loss(h, unembed, targets, horizon_hidden, beta=0.3, gamma=0.8, consistency=0.1,
                                  sample=False):
     """v6's training objective, the HierarchicalPredictiveLoss, for final hidden states h (B, T, D) read through
@@ -328,8 +264,9 @@ def hierarchical_predictive_loss(h, unembed, targets, horizon_hidden, beta=0.3, 
     lambda_k = beta * gamma^(k-2) for offsets k = 2..H. The CE part is a weighted mean, so the objective starts near
     ln V; the consistency term pulls offset k at t toward the main head's own later prediction of the same token.
     Targets of -1 are ignored everywhere. With p the main head and q_k = softmax(z W^T) offset k's,
-    KL = sum p log p - z . (p W) + lse(z W^T): its first two terms come from the main head's pass (main_head_loss,
-    which returns sum p log p = h . S - lse and S = p W), the last from the offsets' pass (core.linear_lse_loss),
+    KL = sum p log p - z . (p W) + lse(z W^T): its first two terms come from the main head's pass
+    (core.linear_lse_loss with pull, which returns S = p W and so sum p log p = h . S - lse), the last from the
+    offsets' pass (core.linear_lse_loss),
     so no (B, T, V) tensor is materialised beyond the logits handed back, and none of (B, T, H, V). sample=True
     (training) reads each offset out at a random 1/(H-1) of the positions, all offsets in one pass over the
     unembedding: the unbiased estimate of core.horizon_loss, for the CE and the KL alike. aux's parts are values
@@ -340,7 +277,8 @@ def hierarchical_predictive_loss(h, unembed, targets, horizon_hidden, beta=0.3, 
     n_main = (flat_targets >= 0).sum().clamp_min(1)
     if horizon_hidden is None:
         a = (flat_targets >= 0) / n_main
-        total, logits, lse, pick, _ = main_head_loss(h.reshape(N, D), unembed, flat_targets, a, h.new_zeros(N, D))
+        total, lse, pick, _, logits = core.linear_lse_loss(h.reshape(N, D), unembed, flat_targets.clamp_min(0), a,
+                                                           keep_logits=True)
         return total, {"lm": total.detach()}, logits.view(B, T, V)
     n_off = horizon_hidden.size(2)
     lams = beta * gamma ** torch.arange(n_off, device=h.device, dtype=torch.float32)   # lambda_k, k = j + 2
@@ -358,8 +296,8 @@ def hierarchical_predictive_loss(h, unembed, targets, horizon_hidden, beta=0.3, 
     kl_w = (consistency / n_off) * w.reshape(-1)
     zsum = torch.zeros(N, D, device=h.device).index_add_(0, main_row, kl_w[:, None] * z.reshape(-1, D).float())
     a_main = (flat_targets >= 0) / (n_main * (1 + lam_sum))
-    total_main, logits, lse_m, pick_m, expected = main_head_loss(h.reshape(N, D), unembed, flat_targets, a_main,
-                                                                 zsum)
+    total_main, lse_m, pick_m, _, logits, expected = core.linear_lse_loss(
+        h.reshape(N, D), unembed, flat_targets.clamp_min(0), a_main, keep_logits=True, pull=zsum)
     # offsets: CE_k = lse - pick, and the KL's lse(z W^T), share one pass over V
     a = (lams[:, None] * w / (1 + lam_sum)).reshape(-1) + kl_w
     b = (lams[:, None] * w / (1 + lam_sum)).reshape(-1)

@@ -593,6 +593,24 @@ def calibrated():
     return run
 
 
+@pytest.mark.parametrize("name,mode", [("v6", "token"), ("v7_1_2", "token")])
+def test_switching_the_trained_spine_attention_off_raises_held_out_loss_over_all_positions(calibrated, name, mode):
+    """The spine-attention block of a model trained on real text (the `calibrated` fixture: bytes of
+    tinyshakespeare) carries context the other layers do not: with it switched off (each block returns its input),
+    the next-token loss averaged over every position of held-out windows rises by > 0.05 nats (measured: +0.21 for
+    both). In chunk mode the global model is still near its unigram plateau at this budget, so its spine block
+    changes little (bench.py's mechanisms table reports it)."""
+    model = calibrated(name, mode)[0]
+    held_out = text_windows(shakespeare_bytes(held_out=True))(torch.Generator().manual_seed(11), 128, 33)
+    with torch.no_grad():
+        on = core.lm_loss(model(held_out[:, :-1]).logits, held_out[:, 1:]).item()
+        with core.spine_attention_off(model) as n_blocks:
+            off = core.lm_loss(model(held_out[:, :-1]).logits, held_out[:, 1:]).item()
+    print(f"\nheld-out loss: spine attention on {on:.4f}, off {off:.4f}")
+    assert n_blocks == model.config.spine_attention_blocks >= 1
+    assert off > on + 0.05
+
+
 @pytest.mark.parametrize("name,mode", EXITING, ids=EXITING_IDS)
 def test_trained_exit_depth_varies_across_tokens_at_the_calibrated_threshold(calibrated, name, mode):
     """Positions (tokens; chunk slots in chunk mode) stop at different depths, each depth class holding >= 1% of
@@ -1779,6 +1797,15 @@ def test_linear_lse_loss_equals_autograd_on_the_full_logits_in_value_gradient_an
         assert torch.allclose(lse, logits.logsumexp(-1), atol=1e-5) and torch.equal(argmax, logits.argmax(-1))
         got, ref = torch.autograd.grad(3 * total, (z, w)), torch.autograd.grad(3 * want, (z, w))
         assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(got, ref))
+    # pull: minus sum pull . S with S = sg(softmax) W, the softmax's gradient stopped and W's kept; S handed back
+    pull = torch.randn(N, D, generator=g, requires_grad=True)
+    total, lse, pick, argmax, S = core.linear_lse_loss(z, w, index, a, b, chunk=8, pull=pull)
+    logits = z @ w.t()
+    expected = logits.softmax(-1).detach() @ w
+    want = (a * logits.logsumexp(-1) - b * logits.gather(1, index[:, None])[:, 0]).sum() - (pull * expected).sum()
+    assert abs(total.item() - want.item()) < 1e-4 * abs(want.item()) and max_diff(S, expected) < 1e-5
+    got, ref = torch.autograd.grad(2 * total, (z, w, pull)), torch.autograd.grad(2 * want, (z, w, pull))
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(got, ref))
     # without autograd (eval, FLOP counting) it runs the forward matmul only
     from torch.utils.flop_counter import FlopCounterMode
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -1857,8 +1884,8 @@ def test_hierarchical_predictive_loss_matches_its_formula_and_ignores_pads():
     assert all(max_diff(g, w) < 1e-5 for g, w in zip(got, want))
     # the fused main pass gives the same total and gradients whatever its row chunk
     a, zsum = torch.rand(B * T), torch.randn(B * T, D, requires_grad=True)
-    fused = [model_v6.main_head_loss(h.reshape(-1, D), unembed, targets.reshape(-1).clamp_min(0), a, zsum, chunk)[0]
-             for chunk in (None, 5)]
+    fused = [core.linear_lse_loss(h.reshape(-1, D), unembed, targets.reshape(-1).clamp_min(0), a, chunk=chunk,
+                                  pull=zsum)[0] for chunk in (None, 5)]
     grads = [torch.autograd.grad(f, (h, unembed, zsum)) for f in fused]
     assert abs(fused[0].item() - fused[1].item()) < 1e-5
     assert all(max_diff(g, w) < 1e-5 for g, w in zip(*grads))
@@ -2411,6 +2438,27 @@ def test_draw_samples_each_token_with_its_weight_and_never_a_zero_weight_token()
         assert chi_square_pvalue(counts[keep].numpy(), expected.numpy()) > 0.001, counts
 
 
+def test_prompt_lookup_proposes_what_followed_the_latest_earlier_occurrence_of_the_longest_tail():
+    """core.prompt_lookup_draft (a byte search over the ids) against the rule written as a plain loop, on short
+    sequences over tiny vocabularies (many matches) whose ids span several bytes (a byte match that straddles two
+    ids must not count)."""
+    def rule(tokens, k, max_ngram=3):
+        N = len(tokens)
+        for n in range(min(max_ngram, N - 1), 0, -1):
+            for start in range(N - n - 1, -1, -1):
+                if tokens[start:start + n] == tokens[N - n:]:
+                    return tokens[start + n:start + n + k]
+        return []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        N, V, k = (int(torch.randint(lo, hi, (), generator=g)) for lo, hi in ((1, 30), (1, 5), (1, 6)))
+        scale = (1, 257, 65793, 50_000)[int(torch.randint(0, 4, (), generator=g))]
+        seq = torch.randint(0, V, (1, N), generator=g) * scale
+        drafts, q = core.prompt_lookup_draft(seq, k)
+        assert drafts.tolist() == rule(seq[0].tolist(), k) and q is None, (seq, k)
+    assert core.prompt_lookup_draft(torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0, 2, 1]]), 2)[0].tolist() == [0, 0]
+
+
 def test_planner_weighs_drafts_by_their_measured_cost_and_drafts_nothing_when_they_cost_more_than_they_bring():
     """plan_drafts with RoundCosts: before any timing the prior 1 + cost k (+ read_cost for the heads) decides;
     rounds 2 and 3 draft nothing to time the base step; once drafting from the heads has been timed at 3x a
@@ -2568,6 +2616,7 @@ def drafting_against_prompt_lookup(model, n_prompts=6, prompt_len=6, new=16):
         stats["tokens_per_call"] = stats["new_tokens"] / stats["model_calls"]
         result[name] = stats
     result["model"]["proposed"] = [n if source == "heads" else 0 for source, n in result["model"]["rounds"]]
+    result["model"]["generations"] = n_prompts
     return result
 
 
@@ -2601,7 +2650,10 @@ def check_drafts_get_used(model, name):
           f"({sum(mine['proposed'])} drafts proposed, {accepted} accepted; acceptance per draft "
           f"{[round(a, 2) for a in generate.acceptance_per_head(mine['accepted_hist'])]}) vs "
           f"{lookup['tokens_per_call']:.2f} by prompt lookup on the same prompts")
-    assert sum(1 for n in mine["proposed"] if n > 0) >= len(mine["proposed"]) // 2, mine["proposed"]
+    # every round drafts from the heads but RoundCosts' two timing rounds per generation (they time a plain step)
+    # and a generation's last round when it has one token left to make, with no room for a draft
+    declined = sum(1 for n in mine["proposed"] if n == 0)
+    assert declined <= 3 * mine["generations"], str(mine["rounds"])
     assert accepted >= 20, mine
     assert mine["tokens_per_call"] > lookup["tokens_per_call"] + 1.0
 
