@@ -949,7 +949,9 @@ def exit_profile(model, windows, threshold, per_row=False):
     sums, counts = [], []
     try:
         for x, y in windows:
-            ce = F.cross_entropy(model(x).logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none")
+            logits = model(x).logits                  # flat rows: CE over a transposed (B, V, T) view is 3x slower
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1,
+                                 reduction="none").view_as(y)
             sums.append(ce.sum(1))                                           # (B,): positions with a target
             counts.append((y >= 0).sum(1))
     finally:
