@@ -12,7 +12,6 @@ lookup, as many per round as pay for their verification.
 import time
 
 import torch
-import torch.nn.functional as F
 
 import core
 
@@ -413,23 +412,26 @@ def speculative_decode(model, idx, max_new_tokens, temperature=1.0, top_k=None, 
                 realised[n_acc] = 0.0
         else:
             p = logits_to_probs(logits, temperature, top_k, top_p)     # (1 + k, V)
-            q_full = q if q is not None else F.one_hot(drafts, p.size(-1)).float()
             next_token = None
             for i in range(k):
                 d = drafts[i]
-                ratio = p[i, d] / q_full[i, d].clamp_min(1e-20)
-                if torch.rand((), generator=generator, device=device) < ratio.clamp(max=1.0):
+                q_d = 1.0 if q is None else q[i, d].clamp_min(1e-20)                   # q None: one-hot at d
+                if torch.rand((), generator=generator, device=device) < (p[i, d] / q_d).clamp(max=1.0):
                     n_acc += 1
                     continue
-                residual = (p[i] - q_full[i]).clamp_min(0)
-                residual = residual / residual.sum() if residual.sum() > 0 else p[i]
-                next_token = draw(residual, generator)
+                if q is None:                             # max(0, p - onehot(d)) is p with d taken out
+                    residual = p[i].clone()
+                    residual[d] = 0.0
+                else:
+                    residual = (p[i] - q[i]).clamp_min(0)
+                next_token = draw(residual if residual.sum() > 0 else p[i], generator)   # draw normalises
                 break
             if next_token is None:
                 next_token = draw(p[k], generator)
             # the acceptance probability of each reached draft, sum min(p, q): less noisy than accept / reject
             reached = min(n_acc + 1, k)
-            realised = torch.minimum(p[:reached], q_full[:reached]).sum(-1)
+            realised = (p[torch.arange(reached, device=device), drafts[:reached]] if q is None
+                        else torch.minimum(p[:reached], q[:reached]).sum(-1))
         if k and source in sources:
             sources[source].record(predicted, realised)
         accepted_hist[n_acc] += 1
