@@ -184,8 +184,10 @@ def generate_ragged(model, prompts, max_new_tokens, temperature=1.0, top_k=None,
 # from greedy acceptance (what the heads are trained on) to sampled acceptance; so that a pessimistic prediction
 # can be corrected too, the first PROBES rounds draft at least one token from the heads (fewer, once the heads have
 # realised under half their prediction). None of it can change the output: verification keeps greedy decoding exact
-# and sampling distributed as the model's. Drafting from the heads has a price of its own whatever k is, one more
-# pass over the unembedding (read_cost), so weak heads draft nothing.
+# and sampling distributed as the model's. Where the model allows, every pass reads the next round's head drafts in
+# the main head's product over the unembedding (model.forward_reading_drafts), which at batch 1 costs about the
+# same for 1 or 25 rows; elsewhere drafting from the heads has a price of its own whatever k is, one more pass over
+# the unembedding (read_cost), so weak heads draft nothing.
 
 DRAFT_COST = 0.05       # verifying k drafts costs ~ 1 + DRAFT_COST * k one-token steps (batch 1, d_model 128, CPU)
 PRIOR_ACCEPTANCE = 0.5  # acceptance of a draft before any evidence, for sources without a calibrated prediction
@@ -222,9 +224,12 @@ class DraftSource:
 
 
 def read_cost(model):
-    """The cost, in one-token decoding steps, of reading drafts out of the horizon heads: one more pass over the
+    """The cost, in one-token decoding steps, of reading drafts out of the horizon heads: nothing where the
+    verification pass reads them with the main head (model.forward_reading_drafts), else one more pass over the
     unembedding, whose weights are this share of those a decoding step reads (at batch 1 a step streams every
     weight once, so it costs about its weights' share; 0.88 at the cpu_tiny size, 0.25 at the T4 size)."""
+    if model.reads_drafts_with_head:
+        return 0.0
     return model.wte.weight.numel() / sum(p.numel() for p in model.parameters())    # the tied unembedding
 
 
@@ -370,8 +375,8 @@ def speculative_decode(model, idx, max_new_tokens, temperature=1.0, top_k=None, 
     prev_out, prev_index = None, None
     if seq.size(1) <= L and max_new_tokens > 0:
         # the prompt's pass gives the first token, as plain decoding's prefill does, and the heads' drafts after it
-        prev_out = model(seq, cache=cache, start_pos=0)
-        prev_index, calls = seq.size(1) - 1, calls + 1
+        prev_out = model.forward_reading_drafts(seq, cache, 0, draft_at=slice(-1, None))
+        prev_index, calls = -1, calls + 1    # the last position (of the hidden states and of the drafts read)
         token = sample(prev_out.logits[:, -1], temperature, top_k, top_p, generator)[:, None]
         seq = torch.cat([seq, token], 1)
         callback(token)
@@ -396,7 +401,7 @@ def speculative_decode(model, idx, max_new_tokens, temperature=1.0, top_k=None, 
             drafts, q = propose(model, seq, plan, prev_out, prev_index, temperature, top_k, top_p, generator)
         rounds.append((source, k))
         verify_in = torch.cat([seq[:, -1:], drafts[None]], 1) if k else seq[:, -1:]          # (1, 1 + k)
-        out = model(verify_in, cache=cache, start_pos=N - 1)            # logits for positions N .. N + k
+        out = model.forward_reading_drafts(verify_in, cache, N - 1)     # logits for positions N .. N + k, + drafts
         calls += 1
         logits = out.logits[0]
         n_acc = 0

@@ -6,6 +6,7 @@ held to them the moment it is registered; the core primitives; one section per m
 pipeline scripts.
 """
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -2459,6 +2460,39 @@ def test_prompt_lookup_proposes_what_followed_the_latest_earlier_occurrence_of_t
     assert core.prompt_lookup_draft(torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0, 2, 1]]), 2)[0].tolist() == [0, 0]
 
 
+HEAD_READERS = [(n, m) for n, m in MODEL_MODES if n not in ("gpt", "v8_2")]   # drafts read in the head's product
+
+
+@pytest.mark.parametrize("name,mode", HEAD_READERS, ids=[f"{n}-{m}" for n, m in HEAD_READERS])
+@torch.no_grad()
+def test_drafts_read_in_the_main_heads_product_equal_the_plain_forward_and_the_separate_read(name, mode, monkeypatch):
+    """forward_reading_drafts (speculative decoding's pass) returns the plain forward's logits, and horizon
+    logits equal to reading the offsets through the tied head afterwards (draft_logits on the plain output), on
+    a prompt pass (drafts at the last position) and on a cached verification pass of 4 tokens (drafts at each),
+    within 1e-5 (the same products over other row counts); the head is left in its normal state."""
+    model = tiny(name, mode, **{"chunk_size": 4} if mode == "chunk" else {})
+    assert model.reads_drafts_with_head
+    seq = tokens((1, 23), 3, TINY["vocab_size"])
+    for at, pieces in ((slice(-1, None), [(0, 19)]), (slice(None), [(0, 19), (19, 23)])):
+        cache_a, cache_b = model.new_cache(1), model.new_cache(1)
+        for lo, hi in pieces:
+            plain = model(seq[:, lo:hi], cache=cache_a, start_pos=lo)
+            read = model.forward_reading_drafts(seq[:, lo:hi], cache_b, lo, draft_at=at)
+        assert max_diff(read.logits, plain.logits) <= 1e-5
+        n, H1 = read.horizon_logits.shape[:2]
+        assert n == (1 if at.start == -1 else hi - lo) and H1 == plain.horizon_hidden.size(2)
+        for i in range(-n, 0):
+            assert max_diff(model.draft_logits(read, i, H1), model.draft_logits(plain, i, H1)) <= 1e-5
+    assert not model.lm_head.deferred and model(seq).logits.size(-1) == TINY["vocab_size"]
+    # in speculative decoding, each model call passes over the unembedding once: no separate read for the drafts
+    reads, linear_rows = [], core.linear_rows
+    monkeypatch.setattr(core, "linear_rows", lambda x, w, b=None: reads.append(x.shape) or linear_rows(x, w, b))
+    stats = {}
+    model.generate(seq[:, :6], 30, temperature=0, speculative=True, stats=stats)
+    rounds = collections.Counter(source for source, _ in stats["rounds"])
+    assert rounds["heads"] >= 1 and len(reads) == stats["model_calls"], (rounds, reads)
+
+
 def test_planner_weighs_drafts_by_their_measured_cost_and_drafts_nothing_when_they_cost_more_than_they_bring():
     """plan_drafts with RoundCosts: before any timing the prior 1 + cost k (+ read_cost for the heads) decides;
     rounds 2 and 3 draft nothing to time the base step; once drafting from the heads has been timed at 3x a
@@ -2469,7 +2503,10 @@ def test_planner_weighs_drafts_by_their_measured_cost_and_drafts_nothing_when_th
     with torch.no_grad():
         out = model(seq[:, :-1])
     read = generate.read_cost(model)
-    assert read == model.wte.weight.numel() / sum(p.numel() for p in model.parameters())
+    assert model.reads_drafts_with_head and read == 0.0     # the drafts come in the verification's head product
+    v8 = tiny("v8_2")                                       # reads its drafts through its own head: a second pass
+    assert generate.read_cost(v8) == v8.wte.weight.numel() / sum(p.numel() for p in v8.parameters())
+    read = generate.read_cost(v8)                           # a source with a read price, for the plans below
     sources = {"heads": generate.DraftSource(4), "lookup": generate.DraftSource(4)}
     for _ in range(generate.PROBES):                       # past the probes: the plan follows value alone
         sources["heads"].record([0.5] * 4, torch.ones(4) * 0.5)
