@@ -707,12 +707,34 @@ def full_cache_bytes(model, n_tokens):
     return cache.nbytes()
 
 
+@contextlib.contextmanager
+def initialisation_skipped():
+    """Build models without drawing their initial weights, as transformers' no_init_weights does: torch.nn.init's
+    fills are no-ops inside, and the caller zeroes the parameters (memset-fast, and no garbage NaN or denormal
+    slows a forward). For the memory table, whose figures (parameter counts, tensors saved for backward, cache
+    bytes) depend on shapes only: the training forward has no data-dependent shapes. Drawing the T4-size
+    weights took 2-5 s a model."""
+    fills = ["normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_",
+             "xavier_normal_", "orthogonal_", "zeros_", "ones_", "constant_"]
+    saved = {name: getattr(torch.nn.init, name) for name in fills}
+    for name in fills:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fill in saved.items():
+            setattr(torch.nn.init, name, fill)
+
+
 def bench_memory(pairs, s):
     size = FAST_T4 if s["fast"] else T4
     rows = []
     for name, mode in pairs:
-        torch.manual_seed(0)
-        model = core.build_model(name, mode=mode, **size)
+        with initialisation_skipped():
+            model = core.build_model(name, mode=mode, **size)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
         n = model.num_params()
         weights, grads, optim = 4 * n, 4 * n, adamw8bit_bytes(model)
         acts = activation_bytes(model, size["max_seq_len"])

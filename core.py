@@ -805,7 +805,10 @@ def fill_kv(block, x, kv_cache, start_pos):
     w, b = attn.qkv.weight[D:], None if attn.qkv.bias is None else attn.qkv.bias[D:]
     k, v = F.linear(block.ln_1(x), w, b).split(D, dim=2)
     k, v = (t.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2) for t in (k, v))
-    kv_cache.update(start_pos, k, v)
+    if torch.is_tensor(start_pos):  # a ragged batch, row b at positions start_pos[b]..: the paged cache's write
+        kv_cache.write_ragged(k, v, start_pos.tolist())
+    else:
+        kv_cache.update(start_pos, k, v)
 
 
 def spine_offsets(max_len):

@@ -27,7 +27,8 @@ What it computes: embeddings -> TaskRoutedTrunk (adaptive bottom -> gated lattic
   decoder's states.
 - Every block of the trunk caches its K/V in a paged_cache.PagedKVCache (16-token blocks from a pool; vLLM's
   PagedAttention, Kwon et al. 2023); in chunk mode that is the global model, and the local decoder keeps an
-  ordinary contiguous cache.
+  ordinary contiguous cache. Token mode decodes a ragged batch (one start position per row), so
+  `model.generate([prompt, ...])` runs prompts of different lengths as one batch.
 
 What it does differently from the original script, and why:
 - Causal everywhere: the router reads a prefix mean, not the whole sequence's mean; the processor's layers are
@@ -112,14 +113,22 @@ class AdaptiveLatticeProcessor(nn.Module):
         return torch.sigmoid(self.gate_logits(x, start_pos, prefix_sums))          # (B, T, n)
 
     def gate_logits(self, x, start_pos=0, prefix_sums=None):
-        T = x.size(1)
+        """start_pos: an int, or (B,) per-row starts of a ragged batch (each row's sums read and written at its own
+        positions)."""
+        B, T, _ = x.shape
         sums = x.float().cumsum(1)                                                # (B, T, D)
+        pos = core.positions(start_pos, T, x.device)                              # (T,), or (B, T) per row
         if prefix_sums is not None:
-            if start_pos:
-                sums = sums + prefix_sums[:, start_pos - 1:start_pos].float()
-            prefix_sums[:, start_pos:start_pos + T] = sums.to(prefix_sums.dtype)
-        count = torch.arange(start_pos + 1, start_pos + T + 1, device=x.device, dtype=sums.dtype)
-        u = (sums / count[:, None]).to(x.dtype)                                   # causal prefix mean
+            if torch.is_tensor(start_pos):
+                rows = torch.arange(B, device=x.device)
+                before = prefix_sums[rows, (start_pos - 1).clamp_min(0)].float()  # (B, D): the sum before each start
+                sums = sums + torch.where((start_pos > 0)[:, None], before, 0.0)[:, None]
+                prefix_sums[rows[:, None], pos] = sums.to(prefix_sums.dtype)
+            else:
+                if start_pos:
+                    sums = sums + prefix_sums[:, start_pos - 1:start_pos].float()
+                prefix_sums[:, start_pos:start_pos + T] = sums.to(prefix_sums.dtype)
+        u = (sums / (pos + 1).to(sums.dtype)[..., None]).to(x.dtype)               # causal prefix mean
         return self.router(self.router_ln(torch.cat([x, u], -1)))                 # (B, T, n)
 
     def forward(self, x, kv, start_pos=0, prefix_sums=None):
@@ -279,6 +288,9 @@ class Model(core.LM):
         super().__init__()
         self.config = config
         c = config
+        # token mode decodes ragged batches: forward takes per-row start positions (B,) through the paged cache, so
+        # generate runs prompts of any lengths as one batch; chunk mode's local decoder keeps a contiguous cache
+        self.ragged_decoding = c.mode == "token"
         n_top = c.n_layers - c.n_bottom_layers
         self.wte = nn.Embedding(c.vocab_size, c.d_model)
         self.drop = nn.Dropout(c.dropout)
@@ -310,7 +322,7 @@ class Model(core.LM):
         B, T = idx.shape
         core.check_context(c, start_pos, T)
         if c.mode == "token":
-            pos = torch.arange(start_pos, start_pos + T, device=idx.device)
+            pos = core.positions(start_pos, T, idx.device)                        # (T,), or (B, T) per row
             x = self.drop(self.wte(idx) + self.wpe(pos))                          # (B, T, D)
             h, exit_loss, exit_depth, states, gate_logits = self.trunk(x, cache, start_pos, c.exit_threshold,
                                                                        self.head_logits, targets)

@@ -922,9 +922,18 @@ def test_a_forked_row_decodes_bit_identically_to_its_source_row(name):
     assert cache.block_tables[0][:3] == cache.block_tables[1][:3] and cache.block_tables[0][3] != cache.block_tables[1][3]
 
 
+RAGGED = [("v4_1", {}), ("v5", {}), ("v5", {"exit_threshold": 0.0}), ("v5", {"exit_threshold": 0.5})]
+
+
+@pytest.mark.parametrize("name,extra", RAGGED, ids=["v4_1", "v5", "v5-every-token-exits", "v5-some-exit"])
 @torch.no_grad()
-def test_v4_1_generates_ragged_prompts_as_one_paged_batch_equal_to_each_prompt_alone(monkeypatch):
-    model = tiny("v4_1", size=SMALL, block_size=4, max_seq_len=64)
+def test_paged_models_generate_ragged_prompts_as_one_paged_batch_equal_to_each_prompt_alone(name, extra, monkeypatch):
+    """v4.1 and v5 (token mode) decode prompts of 3..30 tokens as one batch through their paged cache, each row at
+    its own positions (v5's router prefix sums too; with exits, an exited token's skipped layers write their K/V
+    at the row's own positions), and each row's greedy tokens equal generating that prompt alone."""
+    layers = dict(n_layers=4, n_bottom_layers=2) if name == "v5" else {}
+    model = tiny(name, size=SMALL, block_size=4, max_seq_len=64, **layers, **extra)
+    assert model.ragged_decoding
     prompts = [tokens((n,), n) for n in (3, 9, 17, 30)]
     caches, new_cache = [], model.new_cache
     monkeypatch.setattr(model, "new_cache", lambda B, *a, **kw: caches.append(new_cache(B, *a, **kw)) or caches[-1])
