@@ -1070,22 +1070,33 @@ class _LinearLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, weight, index, a, b, pull, chunk, grad_enabled, keep_logits):
+        # outputs without a gradient (the logits, lse, ...) reach backward as None, not as zeros autograd would
+        # fill: a (rows, V) fill of the kept logits every step (5 % of v6's step at d_model 128)
+        ctx.set_materialize_grads(False)
         b = a if b is None else b
         want_z, want_w, want_pull = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1, 5))
         total = torch.zeros((), device=z.device, dtype=torch.float32)
-        lse, pick, argmax, expected, out = [], [], [], [], None
+        lse, pick, argmax, expected = [], [], [], []
         grad_z = torch.empty_like(z) if want_z else None
         grad_w = None  # the first chunk's product starts it: no pass to zero a (V, D) buffer
+        # fp32 logits to keep are written by the product itself, straight into the caller's tensor (no copy pass)
+        direct = (keep_logits and z.dtype == weight.dtype == torch.float32
+                  and not torch.is_autocast_enabled(z.device.type))
+        out = z.new_empty(z.size(0), weight.size(0)) if direct else None
         for lo in range(0, z.size(0), chunk):
             zc, ic, ac, bc = z[lo:lo + chunk], index[lo:lo + chunk], a[lo:lo + chunk], b[lo:lo + chunk]
-            logits = F.linear(zc, weight)                                            # (chunk, V): the only one
-            if keep_logits:
-                out = logits.new_empty(z.size(0), logits.size(1)) if out is None else out
-                out[lo:lo + chunk] = logits
+            if direct:
+                logits = torch.mm(zc, weight.t(), out=out[lo:lo + chunk])               # (chunk, V), kept
+            else:
+                logits = F.linear(zc, weight)                                        # (chunk, V): the only one
+                if keep_logits:
+                    out = logits.new_empty(z.size(0), logits.size(1)) if out is None else out
+                    out[lo:lo + chunk] = logits
             logits = logits.float()
             pick_c = logits.gather(1, ic[:, None])[:, 0]
             top, top_i = logits.max(-1)                          # the max for a stable lse and the argmax: one pass
-            e = logits.sub_(top[:, None]).exp_()                 # exp(logits - max), in place
+            # exp(logits - max), in place unless the logits are the kept ones
+            e = torch.sub(logits, top[:, None]).exp_() if direct else logits.sub_(top[:, None]).exp_()
             norm = e.sum(-1)
             lse_c = top + norm.log()
             argmax.append(top_i)
@@ -1104,7 +1115,7 @@ class _LinearLogSumExp(torch.autograd.Function):
             if want_w:
                 zf = zc.float()
                 side = zf * ac[:, None] if pull is None else zf * ac[:, None] - pull[lo:lo + chunk]
-                gw = e.t() @ (side / norm[:, None])
+                gw = (e.t() @ (side / norm[:, None])).float()   # fp32 under autocast too, as index_add_ needs
                 grad_w = gw if grad_w is None else grad_w.add_(gw)
                 grad_w.index_add_(0, ic, -bc[:, None] * zf)
         expected = torch.cat(expected) if pull is not None else None
@@ -1117,6 +1128,8 @@ class _LinearLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_total, *_):
         grad_z, grad_w, grad_pull = ctx.saved_tensors
+        if g_total is None:
+            return (None,) * 9
         return (None if grad_z is None else grad_z * g_total.to(grad_z.dtype),
                 None if grad_w is None else (grad_w * g_total).to(ctx.weight_dtype),
                 None, None, None,
@@ -1170,7 +1183,7 @@ def sample_rows(n_rows, n, device):
     return None if n >= n_rows else torch.randperm(n_rows, device=device)[:n]
 
 
-def horizon_loss(horizon_hidden, unembed, targets, gamma=0.95, sample=False):
+def horizon_loss(horizon_hidden, unembed, targets, gamma=0.95, sample=False, readout=False):
     """sum_k gamma^(k-1) CE_k / sum_k gamma^(k-1) over offsets k = 2..H, CE_k the mean over positions with a
     target. horizon_hidden (B, T, H-1, D), unembed (V, D), targets (B, T). Through linear_lse_loss, so no
     [B, T, V] logits tensor is ever alive, let alone [B, T, H, V].
@@ -1180,7 +1193,8 @@ def horizon_loss(horizon_hidden, unembed, targets, gamma=0.95, sample=False):
     about the cost of one extra head whatever H is. The estimate (B T / n) * sum_{sampled} ce / #targets is
     unbiased: each position is drawn with probability n / (B T), so the expected sum over the sample is n / (B T)
     times the sum over all positions, and #targets (the positions that have a target) is counted on the full
-    window, without touching V."""
+    window, without touching V. readout=True also returns the rows scored ((n_off, n), offset_rows) and each
+    scored row's argmax ((n_off, n), no gradient), from the same pass: what a draft-acceptance target reads."""
     B, T, n_off, D = horizon_hidden.shape
     N = B * T
     rows = offset_rows(N, n_off, horizon_hidden.device, 1.0 if sample else None)     # (n_off, n)
@@ -1191,23 +1205,27 @@ def horizon_loss(horizon_hidden, unembed, targets, gamma=0.95, sample=False):
     w = gamma ** torch.arange(1, n_off + 1, device=rows.device, dtype=torch.float32)  # gamma^(k-1), k = j + 2
     per_target = w / w.sum() * (N / rows.size(1)) / (target_all >= 0).sum(0).clamp_min(1)  # 0, not nan, if none
     coef = (per_target[:, None] * (target >= 0)).reshape(-1)
-    return linear_lse_loss(z.reshape(-1, D), unembed, target.clamp_min(0).reshape(-1), coef)[0]
+    total, _, _, argmax = linear_lse_loss(z.reshape(-1, D), unembed, target.clamp_min(0).reshape(-1), coef)
+    return (total, rows, argmax.view_as(rows)) if readout else total
 
 
 def horizon_objective(logits, targets, horizon_hidden=None, unembed=None, exit_loss=None, horizon_weight=0.5,
-                      gamma=0.95, sample=False):
+                      gamma=0.95, sample=False, readout=False):
     """The spine variants' objective and its named parts: (CE_main + horizon_weight * CE_horizon) /
     (1 + horizon_weight) + EXIT_LOSS_WEIGHT * exit_loss. A weighted mean of cross-entropies, so it stays on the
-    scale of next-token CE (about ln V at initialisation) whatever the horizon weight."""
+    scale of next-token CE (about ln V at initialisation) whatever the horizon weight. readout=True (with horizon
+    states) adds horizon_loss's (rows, argmax) as a third result."""
     aux = {"lm": lm_loss(logits, targets)}
-    loss = aux["lm"]
+    loss, scored = aux["lm"], None
     if horizon_hidden is not None:
-        aux["horizon"] = horizon_loss(horizon_hidden, unembed, targets, gamma, sample)
+        aux["horizon"] = horizon_loss(horizon_hidden, unembed, targets, gamma, sample, readout)
+        if readout:
+            aux["horizon"], *scored = aux["horizon"]
         loss = (loss + horizon_weight * aux["horizon"]) / (1 + horizon_weight)
     if exit_loss is not None:
         aux["exit"] = exit_loss
         loss = loss + EXIT_LOSS_WEIGHT * exit_loss
-    return loss, aux
+    return (loss, aux, scored) if readout else (loss, aux)
 
 
 # -----------------------------------------------------------------------------

@@ -194,6 +194,7 @@ class BallLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, cols, bias, k, index, a, b, chunk, grad_enabled, keep_logits=False):
+        ctx.set_materialize_grads(False)   # no (N, V) zeros for the kept logits' absent gradient (core's pass too)
         b = a if b is None else b
         need = [grad_enabled and ctx.needs_input_grad[i] for i in range(4)]
         total = torch.zeros((), device=rows.device)
@@ -242,6 +243,8 @@ class BallLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_total, *_):
+        if g_total is None:
+            return (None,) * 10
         grads = tuple(None if g is None else g * g_total for g in ctx.saved_tensors)
         return grads + (None,) * 6
 

@@ -258,6 +258,30 @@ def test_every_parameter_receives_a_gradient_after_a_few_steps(name, mode):
 
 
 @pytest.mark.parametrize("name,mode", MODEL_MODES, ids=IDS)
+def test_a_training_step_runs_under_bf16_and_fp16_autocast_with_finite_gradients(name, mode):
+    """What train.py does on a GPU (bf16 autocast where supported, else fp16), on the CPU's autocast: the loss and
+    every gradient are finite and the loss is the fp32 loss within the low precision's error. The chunked
+    vocabulary passes once mixed a low-precision product into an fp32 accumulator here and failed."""
+    x = torch.randint(0, TINY["vocab_size"], (2, TINY["max_seq_len"] + 1), generator=torch.Generator().manual_seed(0))
+    model = tiny(name, mode).train()
+    with torch.random.fork_rng():
+        torch.manual_seed(1)                       # sampled horizon rows and Gumbel noise: the same in every pass
+        ref = model(x[:, :-1], targets=x[:, 1:]).loss.item()
+    for dtype in (torch.bfloat16, torch.float16):
+        if not autocast_works(dtype):
+            continue
+        model = tiny(name, mode).train()
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            with torch.autocast("cpu", dtype=dtype):
+                loss = model(x[:, :-1], targets=x[:, 1:]).loss
+        loss.backward()
+        assert math.isfinite(loss.item()) and abs(loss.item() - ref) <= 0.05, (dtype, loss.item(), ref)
+        bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        assert not bad, (dtype, bad)
+
+
+@pytest.mark.parametrize("name,mode", MODEL_MODES, ids=IDS)
 def test_loss_at_initialisation_is_close_to_uniform(name, mode):
     model = tiny(name, mode).train()
     x = torch.randint(0, TINY["vocab_size"], (4, TINY["max_seq_len"] + 1))
@@ -1800,8 +1824,16 @@ def test_linear_lse_loss_equals_autograd_on_the_full_logits_in_value_gradient_an
     for b_ in (b, None):
         total, lse, pick, argmax = core.linear_lse_loss(z, w, index, a, b_, chunk=8)  # 5 chunks, the last short
         logits = z @ w.t()
-        kept = core.linear_lse_loss(z, w, index, a, b_, chunk=8, keep_logits=True)[4]
+        total_kept, _, _, _, kept = core.linear_lse_loss(z, w, index, a, b_, chunk=8, keep_logits=True)
         assert max_diff(kept, logits) <= 1e-5 and not kept.requires_grad
+        assert total_kept.item() == total.item()       # the kept logits are written by the product, not altered
+        assert all(torch.equal(x, y) for x, y in zip(torch.autograd.grad(total_kept, (z, w)),
+                                                     torch.autograd.grad(total, (z, w), retain_graph=True)))
+        if autocast_works(torch.bfloat16):              # low-precision logits are copied out, the pass stays fp32
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = core.linear_lse_loss(z, w, index, a, b_, chunk=8, keep_logits=True)
+            assert low[4].dtype == torch.bfloat16 and max_diff(low[4].float(), logits) <= 0.1
+            assert abs(low[0].item() - total.item()) <= 0.05 * abs(total.item())
         want = (a * logits.logsumexp(-1) - (a if b_ is None else b_) * logits.gather(1, index[:, None])[:, 0]).sum()
         assert abs(total.item() - want.item()) < 1e-4 * abs(want.item())
         assert torch.allclose(lse, logits.logsumexp(-1), atol=1e-5) and torch.equal(argmax, logits.argmax(-1))
