@@ -118,16 +118,12 @@ class AdaptiveLatticeProcessor(nn.Module):
         B, T, _ = x.shape
         sums = x.float().cumsum(1)                                                # (B, T, D)
         pos = core.positions(start_pos, T, x.device)                              # (T,), or (B, T) per row
-        if prefix_sums is not None:
-            if torch.is_tensor(start_pos):
-                rows = torch.arange(B, device=x.device)
-                before = prefix_sums[rows, (start_pos - 1).clamp_min(0)].float()  # (B, D): the sum before each start
-                sums = sums + torch.where((start_pos > 0)[:, None], before, 0.0)[:, None]
-                prefix_sums[rows[:, None], pos] = sums.to(prefix_sums.dtype)
-            else:
-                if start_pos:
-                    sums = sums + prefix_sums[:, start_pos - 1:start_pos].float()
-                prefix_sums[:, start_pos:start_pos + T] = sums.to(prefix_sums.dtype)
+        if prefix_sums is not None:  # one path for an int start and per-row starts: each row at its own positions
+            rows = torch.arange(B, device=x.device)[:, None]                      # (B, 1)
+            first = pos[..., :1].expand(B, 1)                                     # (B, 1): each row's first position
+            before = prefix_sums[rows, (first - 1).clamp_min(0)].float()          # (B, 1, D): the sum before it
+            sums = sums + before * (first > 0)[..., None]
+            prefix_sums[rows, pos.expand(B, T)] = sums.to(prefix_sums.dtype)
         u = (sums / (pos + 1).to(sums.dtype)[..., None]).to(x.dtype)               # causal prefix mean
         return self.router(self.router_ln(torch.cat([x, u], -1)))                 # (B, T, n)
 

@@ -120,16 +120,20 @@ class PagedLayer:
         v = v_pool[table].flatten(1, 2)[:, :L]
         return k.transpose(1, 2), v.transpose(1, 2)
 
+    def n_new(self, k):
+        """Per row, how many of the T new keys (B, nh, T, hd) are real: cache.real_tokens when set (a right-padded
+        prefill), else all T."""
+        return self.cache.real_tokens or [k.size(2)] * k.size(0)
+
     def write_ragged(self, k, v, starts):
         """Row b's new keys and values (B, nh, T, hd) at positions starts[b].., without attending (an exited token's
-        skipped layers, core.fill_kv); of them the first cache.real_tokens[b] when that is set, else all T."""
-        self.write(k, v, starts, self.cache.real_tokens or [k.size(2)] * k.size(0))
+        skipped layers, core.fill_kv); of them the first n_new."""
+        self.write(k, v, starts, self.n_new(k))
 
     def attend(self, q, k, v, starts):
         """Ragged decoding: row b's T queries and new keys/values (B, nh, T, hd) sit at positions starts[b]..; of
-        them the first cache.real_tokens[b] are written when that is set (a right-padded prefill), else all T."""
-        n_new = self.cache.real_tokens or [q.size(2)] * q.size(0)
-        return self.cache.attend(self.index, q, k, v, starts, n_new)
+        them the first n_new are written."""
+        return self.cache.attend(self.index, q, k, v, starts, self.n_new(k))
 
 
 class PagedKVCache(core.Cache):
