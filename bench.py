@@ -611,7 +611,6 @@ def contiguous_v4_1_cache(model, B):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def bench_injection(runs, s, data_dir):
     """Context injection after ordinary training (the quality runs' chunk-mode v6 / v7.1.2 checkpoints, which
     train.py trains with the passage before each window injected into inject_train_prob of the rows): held-out
@@ -633,11 +632,11 @@ def bench_injection(runs, s, data_dir):
             inj = None if passage is None else [(model.encode_injection(passage), 0)]
             return core.lm_loss(model(windows[:, :-1], injections=inj).logits, windows[:, 1:]).item()
 
-        none, true, other = loss(None), loss(before), loss(before.roll(1, 0))
+        none, true, other = loss(None), loss(before), loss(before.roll(n // 2, 0))   # a passage from far away
         rows.append([model_label(name, mode), f"{model.config.inject_train_prob:g}", f"{none:.4f}", f"{true:.4f}",
                      f"{other:.4f}", f"{true - none:+.4f}", f"{other - none:+.4f}"])
     title = (f"Context injection after training ({n} held-out windows of {T} tokens; the injected block is the "
-             f"{T} tokens before each window, or before another window)")
+             f"{T} tokens before each window, or the {T} tokens before the window {n // 2} windows away)")
     return table(title, ["model", "inject_train_prob", "loss, none", "loss, true passage", "loss, other passage",
                          "Δ true", "Δ other"], rows)
 

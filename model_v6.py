@@ -20,8 +20,9 @@ They draft for speculative decoding, verified by the model in one cached pass (L
 Context injection (chunk mode): `with model.inject([(tokens, anchor)]): model.generate(...)` encodes a token block
 into one memory slot per token and reads it through zero-initialised tanh-gated cross-attention (Flamingo) at the
 global model's input at chunk slots >= anchor (a spine position) and in every local decoder layer for the tokens of
-chunks >= anchor, so predictions of tokens in chunks before the anchor never see it. Training injects the passage
-just before each window (information the window lacks) into half the rows.
+chunks >= anchor, and through an induction read on the output (InductionRead: what followed the current token in the
+passage), so predictions of tokens in chunks before the anchor never see it. Training injects the passage just
+before each window (information the window lacks) into half the rows.
 
 Objective, the HierarchicalPredictiveLoss: next-token CE and lambda_k = beta gamma^(k-2) weighted horizon CE as a
 weighted mean (so it starts near ln V), plus a consistency KL that pulls offset k at t toward the main head's own
@@ -45,6 +46,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import core
 import generate
@@ -104,6 +106,42 @@ class CrossBlock(core.GroupedBlock):
         return x + self.mlp(self.ln_2(x))
 
 
+class InductionRead(nn.Module):
+    """The output read of an injected passage, an induction head over it (Olsson et al. 2022): position t matches its
+    own token x_t against each memory slot's predecessor and reads the slot, i.e. what followed x_t in the passage.
+    Query and key share one projection (of the same norm), so equal tokens match best before any training. The
+    result is normed and added through a zero-initialised gate to the final normed hidden state, right before the
+    tied unembedding: there its scale does not compete with the residual stream's (the cross-attention reads inside
+    the network, diluted by a residual dominated by position and global-context terms, learned no key -> value recall
+    at the tiny sizes). x (B, T, D) token embeddings, kv (B|1, S, 2D) from `project`, mask (T, S) or (B, T, S)."""
+
+    def __init__(self, d_model, n_heads, bias=False):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.ln = core.LayerNorm(d_model, bias)
+        self.match = nn.Linear(d_model, d_model, bias=bias)      # query and key projection
+        self.value = nn.Linear(d_model, d_model, bias=bias)
+        self.out_ln = core.LayerNorm(d_model, bias)
+        self.gate = nn.Parameter(torch.zeros(()))               # tanh(0) = 0: an untrained read changes nothing
+
+    def project(self, memory, first):
+        """memory (B|1, S, D), first (S,) or (B, S): slots that start a block (no predecessor) -> K/V (B|1, S, 2D)."""
+        prev = F.pad(memory[:, :-1], (0, 0, 1, 0)).masked_fill(first[..., None], 0.0)
+        return torch.cat([self.match(self.ln(prev)), self.value(memory)], -1)
+
+    def forward(self, x, kv, mask):
+        B, T, D = x.shape
+        nh, hd = self.n_heads, self.head_dim
+        q = self.match(self.ln(x)).view(B, T, nh, hd)
+        k, v = kv.view(kv.size(0), kv.size(1), 2, nh, hd).unbind(2)                 # (B|1, S, nh, hd)
+        scores = torch.einsum("bthd,bshd->bhts", q, k.expand(B, -1, -1, -1)).float() / math.sqrt(hd)
+        mask = mask[:, None] if mask.dim() == 3 else mask                            # (B, 1, T, S) or (T, S)
+        probs = scores.masked_fill(~mask, -1e9).softmax(-1)                          # finite fill: no nan
+        read = torch.einsum("bhts,bshd->bthd", probs.to(v.dtype), v.expand(B, -1, -1, -1)).reshape(B, T, D)
+        readable = mask.any(-1).reshape(-1, T, 1) if mask.dim() == 4 else mask.any(-1)[None, :, None]
+        return torch.tanh(self.gate) * self.out_ln(read) * readable   # rows that read nothing stay exactly zero
+
+
 class CrossLocalDecoder(core.LocalDecoder):
     """A local decoder whose blocks also cross-attend to the last `window` global outputs g_{c-window+1..c} of their
     group c (the additive conditioning on g_c stays)."""
@@ -158,6 +196,7 @@ class ProjectedInjection:
     anchors: torch.Tensor
     global_kv: torch.Tensor
     local_kv: torch.Tensor
+    read_kv: torch.Tensor
 
     def visible(self, group):
         """group (U,) chunk indices -> (U, S), or (B, U, S) for per-row anchors: which memory slots each may read."""
@@ -166,7 +205,7 @@ class ProjectedInjection:
         return group[None, :, None] >= self.anchors[:, None]
 
     def nbytes(self):
-        return sum(t.nelement() * t.element_size() for t in (self.global_kv, self.local_kv))
+        return sum(t.nelement() * t.element_size() for t in (self.global_kv, self.local_kv, self.read_kv))
 
 
 class CrossAttentionChunkDecoder(core.ChunkHierarchy):
@@ -178,7 +217,8 @@ class CrossAttentionChunkDecoder(core.ChunkHierarchy):
     core.ChunkHierarchy; `injections` is None or (memory (B|1, S, D), anchors (S,) or (B, S) long): memory slot s is
     visible to global slots >= anchors[s] and to the local decoder's tokens of chunks >= anchors[s], i.e. to the
     predictions of tokens in chunks >= anchors[s] (logits at positions >= anchor * C - 1). Its K/V are projected once
-    per forward without a cache, or once per cache (kept in CrossChunkCache.injection)."""
+    per forward without a cache, or once per cache (`projected`, kept in CrossChunkCache.injection); the model adds
+    the output read (`read_injection`) after its final norm."""
 
     def __init__(self, global_model, d_model, n_heads, n_local_layers, chunk_size, max_seq_len, window=4,
                  bias=False, dropout=0.0):
@@ -191,6 +231,7 @@ class CrossAttentionChunkDecoder(core.ChunkHierarchy):
         self.inject_ln = core.LayerNorm(d_model, bias)
         self.inject_xattn = WindowCrossAttention(d_model, n_heads, bias)
         self.inject_gate = nn.Parameter(torch.zeros(()))   # tanh(0) = 0: an untrained injection changes nothing
+        self.inject_read = InductionRead(d_model, n_heads, bias)   # the output read: copies what followed
 
     def new_cache(self, batch_size, device, dtype):
         base = super().new_cache(batch_size, device, dtype)
@@ -209,20 +250,31 @@ class CrossAttentionChunkDecoder(core.ChunkHierarchy):
         """memory (B|1, S, D), anchors (S,) or (B, S) -> ProjectedInjection: the K/V of the global model's and of
         every local layer's injection cross-attention, computed once per injection."""
         local_kv = torch.stack([b.inject_xattn.project(memory) for b in self.local.blocks], 1)
-        return ProjectedInjection(anchors, self.inject_xattn.project(memory), local_kv)
+        first = torch.ones_like(anchors, dtype=torch.bool)                    # slots that start a block
+        first[..., 1:] = anchors[..., 1:] != anchors[..., :-1]
+        return ProjectedInjection(anchors, self.inject_xattn.project(memory), local_kv, self.inject_read.project(memory, first))
 
-    def forward(self, idx, embed, cache=None, start_pos=0, injections=None, **global_kwargs):
-        """As core.ChunkHierarchy.forward; injections (memory, anchors) are projected here, once per cache."""
-        if injections is not None:
-            if cache is None:
-                injections = self.project_injection(*injections)
-            else:
-                if start_pos == 0 or cache.injection is None:
-                    cache.injection = self.project_injection(*injections)
-                injections = cache.injection
-        elif cache is not None and start_pos == 0:
-            cache.injection = None
-        return super().forward(idx, embed, cache, start_pos, injections, **global_kwargs)
+    def projected(self, injections, cache=None, start_pos=0):
+        """injections None or (memory, anchors) -> ProjectedInjection or None: projected once per forward without a
+        cache, once per cache with one (kept in CrossChunkCache.injection and read by every later call)."""
+        if injections is None:
+            if cache is not None and start_pos == 0:
+                cache.injection = None
+            return None
+        if cache is None:
+            return self.project_injection(*injections)
+        if start_pos == 0 or cache.injection is None:
+            cache.injection = self.project_injection(*injections)
+        return cache.injection
+
+    def read_injection(self, h, x, start_pos, injection):
+        """The induction read on the output: h (B, T, D) final normed states, x (B, T, D) the input tokens'
+        embeddings from position start_pos; output t predicts token start_pos + t + 1, of chunk
+        (start_pos + t + 1) // chunk_size, and reads the slots that chunk may read."""
+        if injection is None:
+            return h
+        group = torch.arange(start_pos + 1, start_pos + h.size(1) + 1, device=h.device) // self.chunk_size
+        return h + self.inject_read(x, injection.read_kv, injection.visible(group))
 
     def _inject(self, x, slots, injection):
         if injection is None:
@@ -407,10 +459,13 @@ class Model(core.LM):
             if inj is None and context is not None:
                 inj = self._training_injection(context, T)
             # chunk encoder -> global trunk over slots (+ injection) -> local decoder; exits are per global slot
+            inj = self.chunk.projected(inj, cache, start_pos)           # K/V once per forward or per cache
             h, rest = self.chunk(idx, lambda ids: self.drop(self.wte(ids)), cache, start_pos, inj,
                                  exit_threshold=c.exit_threshold, readout=self.head_logits)  # (B, T, D)
             exit_loss, exit_depth = None if rest is None else rest[0], None
         h = self.ln_f(h)
+        if c.mode == "chunk":
+            h = self.chunk.read_injection(h, self.wte(idx), start_pos, inj)
         horizon_hidden = None if self.horizon is None else self.horizon(h)            # (B, T, H-1, D)
         loss = aux = None
         if targets is None:
