@@ -221,13 +221,14 @@ def bench_quality(pairs, s, work, data_dir, step_s=None):
             if seed == 0:
                 curves[(name, mode)] = [(r["step"], r["loss"]) for r in log if "loss" in r]
                 runs[(name, mode)] = out_dir
-    base = sum(finals[("gpt", "token")]) / s["seeds"]
+    gpt = finals.get(("gpt", "token"))  # absent when only the injection table was asked for
+    base = sum(gpt) / len(gpt) if gpt else None
     rows = []
     for (name, mode), losses in finals.items():
         mean = sum(losses) / len(losses)
         spread = f" ± {(max(losses) - min(losses)) / 2:.3f}" if len(losses) > 1 else ""
         rows.append([model_label(name, mode)] + ([f"{steps_of[(name, mode)]}"] if step_s else [])
-                    + [f"{mean:.3f}{spread}", f"{mean / math.log(2) / bpt:.3f}", f"{mean - base:+.3f}"])
+                    + [f"{mean:.3f}{spread}", f"{mean / math.log(2) / bpt:.3f}", "-" if base is None else f"{mean - base:+.3f}"])
     if step_s:
         title = (f"Quality at equal wall-clock (about {s['budget_s']:.0f} s of training each: steps = budget / the "
                  f"model's measured step time; batch {B} x {T}, {s['seeds']} seed(s); d_model {s['d_model']}, "
@@ -899,7 +900,10 @@ def main():
             emit("throughput_large", bench_throughput(pairs, {**s, **(FAST_LARGE if fast else LARGE)}, peak)[0])
     if what & {"quality", "generation", "mechanisms", "injection"}:  # one training run per model serves them all
         data_dir = s["data_dir"] or default_shards(work)
-        text, curves, runs = bench_quality(pairs, s, work, data_dir)
+        trained = pairs if what & {"quality", "generation", "mechanisms"} else [  # injection alone: its models only
+            (name, mode) for name, mode in pairs
+            if mode == "chunk" and "inject_train_prob" in core.load_model_module(name).Config.__dataclass_fields__]
+        text, curves, runs = bench_quality(trained, s, work, data_dir)
         if "quality" in what:
             emit("quality", text)
             if s["budget_s"] > 0:
