@@ -228,7 +228,8 @@ def bench_quality(pairs, s, work, data_dir, step_s=None):
         mean = sum(losses) / len(losses)
         spread = f" ± {(max(losses) - min(losses)) / 2:.3f}" if len(losses) > 1 else ""
         rows.append([model_label(name, mode)] + ([f"{steps_of[(name, mode)]}"] if step_s else [])
-                    + [f"{mean:.3f}{spread}", f"{mean / math.log(2) / bpt:.3f}", "-" if base is None else f"{mean - base:+.3f}"])
+                    + [f"{mean:.3f}{spread}", f"{mean / math.log(2) / bpt:.3f}",
+                       "-" if base is None else f"{mean - base:+.3f}"])
     if step_s:
         title = (f"Quality at equal wall-clock (about {s['budget_s']:.0f} s of training each: steps = budget / the "
                  f"model's measured step time; batch {B} x {T}, {s['seeds']} seed(s); d_model {s['d_model']}, "
@@ -902,7 +903,7 @@ def main():
         data_dir = s["data_dir"] or default_shards(work)
         trained = pairs if what & {"quality", "generation", "mechanisms"} else [  # injection alone: its models only
             (name, mode) for name, mode in pairs
-            if mode == "chunk" and "inject_train_prob" in core.load_model_module(name).Config.__dataclass_fields__]
+            if mode == "chunk" and hasattr(core.load_model_module(name).Model, "encode_injection")]
         text, curves, runs = bench_quality(trained, s, work, data_dir)
         if "quality" in what:
             emit("quality", text)

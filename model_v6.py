@@ -135,10 +135,9 @@ class InductionRead(nn.Module):
         q = self.match(self.ln(x)).view(B, T, nh, hd)
         k, v = kv.view(kv.size(0), kv.size(1), 2, nh, hd).unbind(2)                 # (B|1, S, nh, hd)
         scores = torch.einsum("bthd,bshd->bhts", q, k.expand(B, -1, -1, -1)).float() / math.sqrt(hd)
-        mask = mask[:, None] if mask.dim() == 3 else mask                            # (B, 1, T, S) or (T, S)
-        probs = scores.masked_fill(~mask, -1e9).softmax(-1)                          # finite fill: no nan
+        probs = scores.masked_fill(~mask.unsqueeze(-3), -1e9).softmax(-1)            # finite fill: no nan
         read = torch.einsum("bhts,bshd->bthd", probs.to(v.dtype), v.expand(B, -1, -1, -1)).reshape(B, T, D)
-        readable = mask.any(-1).reshape(-1, T, 1) if mask.dim() == 4 else mask.any(-1)[None, :, None]
+        readable = mask.any(-1, keepdim=True)                                        # (T, 1) or (B, T, 1)
         return torch.tanh(self.gate) * self.out_ln(read) * readable   # rows that read nothing stay exactly zero
 
 
@@ -252,7 +251,8 @@ class CrossAttentionChunkDecoder(core.ChunkHierarchy):
         local_kv = torch.stack([b.inject_xattn.project(memory) for b in self.local.blocks], 1)
         first = torch.ones_like(anchors, dtype=torch.bool)                    # slots that start a block
         first[..., 1:] = anchors[..., 1:] != anchors[..., :-1]
-        return ProjectedInjection(anchors, self.inject_xattn.project(memory), local_kv, self.inject_read.project(memory, first))
+        return ProjectedInjection(anchors, self.inject_xattn.project(memory), local_kv,
+                                  self.inject_read.project(memory, first))
 
     def projected(self, injections, cache=None, start_pos=0):
         """injections None or (memory, anchors) -> ProjectedInjection or None: projected once per forward without a
@@ -271,8 +271,6 @@ class CrossAttentionChunkDecoder(core.ChunkHierarchy):
         """The induction read on the output: h (B, T, D) final normed states, x (B, T, D) the input tokens'
         embeddings from position start_pos; output t predicts token start_pos + t + 1, of chunk
         (start_pos + t + 1) // chunk_size, and reads the slots that chunk may read."""
-        if injection is None:
-            return h
         group = torch.arange(start_pos + 1, start_pos + h.size(1) + 1, device=h.device) // self.chunk_size
         return h + self.inject_read(x, injection.read_kv, injection.visible(group))
 
@@ -464,7 +462,7 @@ class Model(core.LM):
                                  exit_threshold=c.exit_threshold, readout=self.head_logits)  # (B, T, D)
             exit_loss, exit_depth = None if rest is None else rest[0], None
         h = self.ln_f(h)
-        if c.mode == "chunk":
+        if c.mode == "chunk" and inj is not None:                                     # the injection's output read
             h = self.chunk.read_injection(h, self.wte(idx), start_pos, inj)
         horizon_hidden = None if self.horizon is None else self.horizon(h)            # (B, T, H-1, D)
         loss = aux = None

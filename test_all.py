@@ -1445,15 +1445,21 @@ CHUNKED = ["v6", "v7_1_2"]
 
 @torch.enable_grad()
 def fit_injected(model, steps, data, lr=1e-2, batch=8, seed=1):
-    """fit() through the injection training path: data(generator, batch, L + T + 1) -> streams whose first
-    L = max_seq_len tokens are the passage before each window, handed to the model as `context`, as train.py does."""
+    """fit() through the injection training path: data is train.py's ShardLoader built with
+    context_len=model.train_context_len (its batches carry the passage before each window), or a function
+    data(generator, batch, L + T + 1) -> streams whose first L = max_seq_len tokens are the passage before each
+    window; the passage is handed to the model as `context`, as train.py does."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     L = model.config.max_seq_len
     model.train()
     for _ in range(steps):
-        w = data(g, batch, 2 * L + 1)
-        loss = model(w[:, L:-1], targets=w[:, L + 1:], context=w[:, :L]).loss
+        if hasattr(data, "next_batch"):
+            x, y, context = data.next_batch()
+        else:
+            w = data(g, batch, 2 * L + 1)
+            x, y, context = w[:, L:-1], w[:, L + 1:], w[:, :L]
+        loss = model(x, targets=y, context=context).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -1739,14 +1745,7 @@ def stdlib_injected(tmp_path_factory):
         model = core.build_model("v6", mode="chunk", vocab_size=1024, d_model=64, n_layers=2, n_heads=4,
                                  max_seq_len=48)
         loader = train.ShardLoader([shard], 16, 48, 1024, "random", seed=0, context_len=model.train_context_len)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        model.train()
-        for _ in range(300):
-            x, y, context = loader.next_batch()
-            loss = model(x, targets=y, context=context).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        fit_injected(model, 300, loader, lr=3e-3)
     g = torch.Generator().manual_seed(3)
     which = torch.randint(0, len(held), (256,), generator=g)
     streams = torch.stack([torch.from_numpy(remap[held[i][s:s + 2 * 48 + 1]]) for i in which.tolist()
