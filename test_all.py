@@ -1426,6 +1426,66 @@ def test_trained_chaoslogic_depth_prediction_varies_across_tokens(routed):
     assert spread > DEPTH_SPREAD
 
 
+PATTERN_GAIN = 0.002    # nats: forcing ChaosLogic's trained pattern choice to dense costs 0.0072-0.0100 (seeds 0-2)
+
+
+@pytest.fixture(scope="session")
+def chaos_trained():
+    """ChaosLogic after 200 AdamW steps on the bytes of tinyshakespeare (the routed fixture's size; at its 80 steps
+    the pattern choice is still worth < 1e-4 nats), with a held-out loss function taking the routers' overrides."""
+    with single_thread():
+        model = fit(tiny("chaoslogic", size=ROUTED), 200, text_windows(shakespeare_bytes()), lr=3e-3, seed=0)
+    w = text_windows(shakespeare_bytes(held_out=True))(torch.Generator().manual_seed(5), 64, 33)
+
+    @torch.no_grad()
+    def held_out(dense=False, full_depth=False):
+        """Held-out loss and the model output; dense: every layer attends with P0 (dense causal) for every token;
+        full_depth: every token runs every bottom layer (the depth predictor's fraction forced to 1)."""
+        hooks = []
+        if dense:
+            model.select_patterns = lambda tau: (F.one_hot(torch.zeros(*tau.shape[:2], model.n_attn,
+                                                                       dtype=torch.long), 4).float(), None)
+        if full_depth:
+            hooks.append(model.task.register_forward_hook(lambda m, a, out: (out[0], out[1],
+                                                                              torch.ones_like(out[2]))))
+        try:
+            out = model(w[:, :-1])
+            return core.lm_loss(out.logits, w[:, 1:]).item(), out
+        finally:
+            model.__dict__.pop("select_patterns", None)
+            for h in hooks:
+                h.remove()
+
+    return model, held_out
+
+
+def test_trained_chaoslogic_pattern_choice_matters_forcing_every_layer_dense_raises_held_out_loss(chaos_trained):
+    """The Gumbel selector's per-token choice among dense / window / Pell-Lucas blocks / window + sinks is used
+    after ordinary training: the trained model does worse when every token attends densely instead."""
+    model, held_out = chaos_trained
+    base, out = held_out()
+    dense, _ = held_out(dense=True)
+    picked = out.patterns.argmax(-1)                                               # (N, T, layers)
+    print(f"\nheld-out {base:.4f}, every pattern dense {dense:.4f} ({dense - base:+.4f}); pattern shares "
+          f"{[round((picked == k).float().mean().item(), 2) for k in range(4)]}")
+    assert dense - base > PATTERN_GAIN
+
+
+def test_trained_chaoslogic_depth_predictor_skips_bottom_layers_at_no_cost_in_held_out_loss(chaos_trained):
+    """The depth predictor saves compute after training: a share of tokens skips an adaptive bottom layer
+    (measured 0.71-1.0 over seeds 0-2), and the held-out loss at the predicted depths is no worse than with every
+    token at full depth, within core.EXIT_TOLERANCE (full depth measured 0.02-0.12 nats worse: the layers above
+    trained on the predicted depths)."""
+    model, held_out = chaos_trained
+    base, out = held_out()
+    full, full_out = held_out(full_depth=True)
+    skipped = (out.exit_depth < model.n_bottom).float().mean().item()
+    print(f"\nshare of tokens that skip a bottom layer {skipped:.2f}; held-out {base:.4f}, full depth {full:.4f}")
+    assert (full_out.exit_depth == model.n_bottom).all()                            # the override took effect
+    assert skipped > 0.25
+    assert base <= full + core.EXIT_TOLERANCE
+
+
 def test_v5_far_medium_and_near_fields_read_different_layers_at_the_default_depth():
     field = tiny("v5", size=SMALL).field
     assert field.templates.size(1) == model_v5.Config().n_lattice_layers == 2
