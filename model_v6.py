@@ -109,30 +109,35 @@ class CrossBlock(core.GroupedBlock):
 class InductionRead(nn.Module):
     """The output read of an injected passage, an induction head over it (Olsson et al. 2022): position t matches its
     own token x_t against each memory slot's predecessor and reads the slot, i.e. what followed x_t in the passage.
-    Query and key share one projection (of the same norm), so equal tokens match best before any training. The
-    result is normed and added through a zero-initialised gate to the final normed hidden state, right before the
-    tied unembedding: there its scale does not compete with the residual stream's (the cross-attention reads inside
-    the network, diluted by a residual dominated by position and global-context terms, learned no key -> value recall
-    at the tiny sizes). x (B, T, D) token embeddings, kv (B|1, S, 2D) from `project`, mask (T, S) or (B, T, S)."""
+    Query and key share one projection, and it and the value start as the identity (plain Parameters, which the
+    model's N(0, 0.02) init skips): at init a query already puts most of its weight on the slots that follow its own
+    token (score sqrt(head_dim) for an equal token against ~N(0, 1) for another; a N(0, 0.02) projection gave every
+    score ~0.3, uniform attention, and the read learned only a passage-wide average on real text), and the value
+    is the slot itself, which the tied unembedding reads as its token. So the gate's first gradient already says
+    whether copying helps. The result is normed and added through a zero-initialised gate to the final normed
+    hidden state, right before the tied unembedding: there its scale does not compete with the residual stream's
+    (the cross-attention reads inside the network, diluted by a residual dominated by position and global-context
+    terms, learned no key -> value recall at the tiny sizes). x (B, T, D) token embeddings, kv (B|1, S, 2D) from
+    `project`, mask (T, S) or (B, T, S)."""
 
     def __init__(self, d_model, n_heads, bias=False):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.ln = core.LayerNorm(d_model, bias)
-        self.match = nn.Linear(d_model, d_model, bias=bias)      # query and key projection
-        self.value = nn.Linear(d_model, d_model, bias=bias)
+        self.match = nn.Parameter(torch.eye(d_model))           # query and key projection, identity at init
+        self.value = nn.Parameter(torch.eye(d_model))
         self.out_ln = core.LayerNorm(d_model, bias)
         self.gate = nn.Parameter(torch.zeros(()))               # tanh(0) = 0: an untrained read changes nothing
 
     def project(self, memory, first):
         """memory (B|1, S, D), first (S,) or (B, S): slots that start a block (no predecessor) -> K/V (B|1, S, 2D)."""
         prev = F.pad(memory[:, :-1], (0, 0, 1, 0)).masked_fill(first[..., None], 0.0)
-        return torch.cat([self.match(self.ln(prev)), self.value(memory)], -1)
+        return torch.cat([F.linear(self.ln(prev), self.match), F.linear(memory, self.value)], -1)
 
     def forward(self, x, kv, mask):
         B, T, D = x.shape
         nh, hd = self.n_heads, self.head_dim
-        q = self.match(self.ln(x)).view(B, T, nh, hd)
+        q = F.linear(self.ln(x), self.match).view(B, T, nh, hd)
         k, v = kv.view(kv.size(0), kv.size(1), 2, nh, hd).unbind(2)                 # (B|1, S, nh, hd)
         scores = torch.einsum("bthd,bshd->bhts", q, k.expand(B, -1, -1, -1)).float() / math.sqrt(hd)
         probs = scores.masked_fill(~mask.unsqueeze(-3), -1e9).softmax(-1)            # finite fill: no nan

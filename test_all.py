@@ -1768,7 +1768,7 @@ def test_trained_injection_recalls_values_only_the_injected_passage_holds(recall
 def test_trained_injection_greedy_continuation_writes_the_injected_values(recall_injected):
     model, held_out = recall_injected
     correct = {True: [], False: []}
-    for row in held_out[:8]:
+    for row in held_out[:16]:
         passage, value_of = row[:48], dict(zip(row[0:48:2].tolist(), row[1:48:2].tolist()))
         for inject in (True, False):
             with model.inject([(passage, 0)]) if inject else contextlib.nullcontext():
