@@ -1426,7 +1426,7 @@ def test_trained_chaoslogic_depth_prediction_varies_across_tokens(routed):
     assert spread > DEPTH_SPREAD
 
 
-PATTERN_GAIN = 0.002    # nats: forcing ChaosLogic's trained pattern choice to dense costs 0.0072-0.0100 (seeds 0-2)
+PATTERN_GAIN = 0.002    # nats: forcing ChaosLogic's trained pattern choice dense cost 0.0072-0.0100 (data seeds 0-2)
 
 
 @pytest.fixture(scope="session")
@@ -1473,7 +1473,7 @@ def test_trained_chaoslogic_pattern_choice_matters_forcing_every_layer_dense_rai
 
 def test_trained_chaoslogic_depth_predictor_skips_bottom_layers_at_no_cost_in_held_out_loss(chaos_trained):
     """The depth predictor saves compute after training: a share of tokens skips an adaptive bottom layer
-    (measured 0.71-1.0 over seeds 0-2), and the held-out loss at the predicted depths is no worse than with every
+    (measured 0.71-1.0 over data seeds 0-2), and the held-out loss at the predicted depths is no worse than with every
     token at full depth, within core.EXIT_TOLERANCE (full depth measured 0.02-0.12 nats worse: the layers above
     trained on the predicted depths)."""
     model, held_out = chaos_trained
