@@ -1814,12 +1814,17 @@ def stdlib_injected(tmp_path_factory):
     return model.eval(), streams[:, :48], streams[:, 48:], streams[other, :48]
 
 
+PASSAGE_SPECIFIC_GAIN = 0.1   # nats: the true preceding passage against another file's, stdlib test below
+
+
 def test_trained_injection_of_the_passage_before_a_real_text_window_lowers_its_loss_more_than_another_files(
         stdlib_injected):
     model, passage, window, other = stdlib_injected
     none, true, wrong = (injected_loss(model, p, window) for p in (None, passage, other))
     print(f"\nstdlib held-out loss: no injection {none:.4f}, the passage before {true:.4f}, another file's {wrong:.4f}")
-    assert true < none - 0.1 and true < wrong
+    # the read copies from the passage, not only its kind of text: 0.197 nats below another file's passage (the
+    # read's projections at a N(0, 0.02) start, uniform attention at first, reached 0.038 in the same run)
+    assert true < none - 0.1 and true < wrong - PASSAGE_SPECIFIC_GAIN
 
 
 def test_injected_memory_is_projected_once_per_generation_not_once_per_chunk(monkeypatch):
