@@ -506,6 +506,18 @@ def v5_processor_rows(name, model, windows):
     return rows
 
 
+def chaoslogic_dense_patterns(model):
+    """ChaosLogic with every layer attending with P0 (dense causal) for every token, inside the block."""
+    return replaced_method(model, "select_patterns", lambda tau: (
+        torch.nn.functional.one_hot(torch.zeros(*tau.shape[:2], model.n_attn, dtype=torch.long), 4).float(), None))
+
+
+def chaoslogic_full_depth(model):
+    """ChaosLogic with the depth predictor's fraction forced to 1 (every token runs every bottom layer) inside
+    the block."""
+    return replaced_output(model.task, lambda args, out: (out[0], out[1], torch.ones_like(out[2])))
+
+
 @mechanism
 @torch.no_grad()
 def chaoslogic_routing_rows(name, model, windows):
@@ -527,7 +539,7 @@ def chaoslogic_routing_rows(name, model, windows):
                       value=f"{depth.mean().item():.3f} / {depth.std().item():.3f}"),
                  dict(model=name, mechanism="depth predictor", measure="share of tokens that skip a bottom layer "
                       "(ablation: full depth)", value=skipped)]
-        with replaced_output(model.task, lambda args, out: (out[0], out[1], torch.ones_like(out[2]))):
+        with chaoslogic_full_depth(model):
             rows[-1]["ablation_dloss"] = held_out_loss(model, windows) - base
     else:
         rows.append(dict(model=name, mechanism="depth predictor", measure="adaptive bottom layers",
@@ -535,9 +547,7 @@ def chaoslogic_routing_rows(name, model, windows):
     rows.append(dict(model=name, mechanism="pattern selector",
                      measure="shares of P0 / P1 / P2 / P3 over tokens and layers (ablation: all P0)",
                      value=" / ".join(f"{v:.2f}" for v in shares.tolist())))
-    with replaced_method(model, "select_patterns", lambda tau: (
-            torch.nn.functional.one_hot(torch.zeros(*tau.shape[:2], model.n_attn, dtype=torch.long), 4).float(),
-            None)):
+    with chaoslogic_dense_patterns(model):
         rows[-1]["ablation_dloss"] = held_out_loss(model, windows) - base
     rows.append(dict(model=name, mechanism="pattern selector", measure="layers whose tokens pick different patterns",
                      value=f"{sum(choice[..., l].unique().numel() > 1 for l in range(choice.size(-1)))} of "

@@ -1433,6 +1433,7 @@ PATTERN_GAIN = 0.002    # nats: forcing ChaosLogic's trained pattern choice dens
 def chaos_trained():
     """ChaosLogic after 200 AdamW steps on the bytes of tinyshakespeare (the routed fixture's size; at its 80 steps
     the pattern choice is still worth < 1e-4 nats), with a held-out loss function taking the routers' overrides."""
+    import bench
     with single_thread():
         model = fit(tiny("chaoslogic", size=ROUTED), 200, text_windows(shakespeare_bytes()), lr=3e-3, seed=0)
     w = text_windows(shakespeare_bytes(held_out=True))(torch.Generator().manual_seed(5), 64, 33)
@@ -1440,21 +1441,14 @@ def chaos_trained():
     @torch.no_grad()
     def held_out(dense=False, full_depth=False):
         """Held-out loss and the model output; dense: every layer attends with P0 (dense causal) for every token;
-        full_depth: every token runs every bottom layer (the depth predictor's fraction forced to 1)."""
-        hooks = []
-        if dense:
-            model.select_patterns = lambda tau: (F.one_hot(torch.zeros(*tau.shape[:2], model.n_attn,
-                                                                       dtype=torch.long), 4).float(), None)
-        if full_depth:
-            hooks.append(model.task.register_forward_hook(lambda m, a, out: (out[0], out[1],
-                                                                              torch.ones_like(out[2]))))
-        try:
+        full_depth: every token runs every bottom layer (bench.py's ablations of the mechanisms table)."""
+        with contextlib.ExitStack() as overrides:
+            if dense:
+                overrides.enter_context(bench.chaoslogic_dense_patterns(model))
+            if full_depth:
+                overrides.enter_context(bench.chaoslogic_full_depth(model))
             out = model(w[:, :-1])
             return core.lm_loss(out.logits, w[:, 1:]).item(), out
-        finally:
-            model.__dict__.pop("select_patterns", None)
-            for h in hooks:
-                h.remove()
 
     return model, held_out
 
