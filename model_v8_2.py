@@ -115,60 +115,125 @@ def poincare_distance(x, y, c=1.0):
     return 2 / sc * torch.atanh((sc * diff / denom).clamp(max=1 - POINCARE_EPS))
 
 
+BALL_ALIGN = 8   # ball rows and columns are zero-padded to a multiple of 8 wide: the CPU GEMM ran the head's products
+                 # 7-17 % slower at widths 130 and 386 than at 136 and 392 (fwd + both backward products, 2 cores)
+
+
+def ball_width(d):
+    """Width of the augmented rows and columns for points of dimension d: d + 2, rounded up to BALL_ALIGN."""
+    return -(-(d + 2) // BALL_ALIGN) * BALL_ALIGN
+
+
 def ball_rows(x, c=1.0, gap=None):
-    """Points x (N, D) of the ball -> (N, D + 2) rows c [x, |x|^2, 1] / (1 - c|x|^2), fp32 (see
+    """Points x (N, D) of the ball -> (N, ball_width(D)) rows c [x, |x|^2, 1, 0...] / (1 - c|x|^2), fp32 (see
     poincare_distance_matrix). gap (N, 1): 1 - c|x|^2 from exp0_gap where the points came from exp0 (more accurate
     near the boundary)."""
     with torch.autocast(x.device.type, enabled=False):
         x = x.float()
         xx = (x * x).sum(-1, keepdim=True)
         gap = 1 - c * xx if gap is None else gap.float()
-        return torch.cat([x, xx, torch.ones_like(xx)], -1) * (c / gap)
+        pad = xx.new_zeros(x.size(0), ball_width(x.size(-1)) - x.size(-1) - 2)
+        return torch.cat([x, xx, torch.ones_like(xx), pad], -1) * (c / gap)
 
 
 def ball_cols(y, c=1.0, gap=None):
-    """Points y (V, D) of the ball -> (V, D + 2) columns [-2y, 1, |y|^2] / (1 - c|y|^2), fp32."""
+    """Points y (V, D) of the ball -> (V, ball_width(D)) columns [-2y, 1, |y|^2, 0...] / (1 - c|y|^2), fp32."""
     with torch.autocast(y.device.type, enabled=False):
         y = y.float()
         yy = (y * y).sum(-1, keepdim=True)
         gap = 1 - c * yy if gap is None else gap.float()
-        return torch.cat([-2 * y, torch.ones_like(yy), yy], -1) / gap
+        pad = yy.new_zeros(y.size(0), ball_width(y.size(-1)) - y.size(-1) - 2)
+        return torch.cat([-2 * y, torch.ones_like(yy), yy, pad], -1) / gap
 
 
-HALF_Q_FLOOR = 1e-12      # q/2 is floored here, so sqrt keeps a finite gradient where rounding makes |x - y|^2 <= 0
+def _table_scalars(sq_norm, c):
+    """|e|^2 (V, 1) of tangent vectors e -> ((f, g, h), their derivatives d/d|e|^2), each (V, 1), with
+    ball_cols(exp0(e), c, exp0_gap(e)) = [f e, g, h, 0...]: the map depends on e only through its norm, so every
+    column but e's scale is a function of one number per row. Same clamps as exp0 and exp0_gap (the norm floored
+    at 1e-15, the tanh capped at 1 - eps, the gap floored), and zero derivatives where they hold, as autograd
+    through those maps gives. With x = sqrt(c) |e|: f = -2 tanh(x) / (x gap), g = 1 / gap, h = tanh(x)^2 / (c gap),
+    gap = sech(x)^2; d tanh / dx = sech^2, d (1 / gap) / dx = 2 tanh / gap."""
+    sc, floor = math.sqrt(c), POINCARE_EPS * (2 - POINCARE_EPS)
+    n = sq_norm.clamp_min(1e-30).sqrt()
+    x = sc * n
+    th = torch.tanh(x)
+    t = th.clamp(max=1 - POINCARE_EPS)                                  # sqrt(c) |exp0(e)|
+    sech2 = 4 * torch.sigmoid(2 * x) * torch.sigmoid(-2 * x)
+    inv_gap = 1 / sech2.clamp_min(floor)
+    d_inv = torch.where(sech2 >= floor, 2 * th * inv_gap, 0.0)          # d / dx, zero where the floor holds
+    d_t = torch.where(th <= 1 - POINCARE_EPS, sech2, 0.0)               # zero where the cap holds
+    dx = torch.where(sq_norm >= 1e-30, sc / (2 * n), 0.0)               # dx / d|e|^2
+    values = (-2 * t / x * inv_gap, inv_gap, t * t / c * inv_gap)
+    derivs = (-2 * ((d_t * x - t) / (x * x) * inv_gap + t / x * d_inv) * dx, d_inv * dx,
+              (2 * t * d_t * inv_gap + t * t * d_inv) / c * dx)
+    return values, derivs
 
 
-def asinh_sqrt_(half_q, out=None):
-    """half_q >= 0 -> asinh(sqrt(half_q)), overwriting half_q: log1p(s + q / (1 + sqrt(1 + q))) with s = sqrt(q),
-    q = half_q, which is asinh(s) = log(s + sqrt(1 + s^2)) written to keep its relative accuracy near 0 (fp32
-    error as torch.asinh's, 2e-7 relative against float64). Seven vectorised passes run about 4x faster on a CPU
-    than torch.asinh, which the distance head calls on every (row, token) pair. out: a buffer of half_q's shape
-    for the result (a chunked caller reuses one rather than allocating, and page-faulting, each time)."""
+class BallTable(torch.autograd.Function):
+    """(tangent table W (V, D), c) -> ball_cols(exp0(W), c, exp0_gap(W)) (V, ball_width(D)), fp32: the head's
+    right operand from the tied table, every step. Composed from those maps, autograd keeps and revisits about
+    twenty (V, D) tensors (490 ms forward + backward at V = 50,304, D = 384 on 2 cores, the largest cost after
+    the head's products). Every column is e's own scale f(|e|) e or a function of |e| (_table_scalars), so here
+    the forward is three (V, D) passes (the norms, the copy, its scaling) and the backward three
+    (G_e . e, f G_e + 2 (dL/d|e|^2) e); everything else is on (V, 1) tensors."""
+
+    @staticmethod
+    def forward(ctx, weight, c):
+        e = weight.float()
+        sq_norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True).square_()
+        (f, g, h), _ = _table_scalars(sq_norm, c)
+        out = torch.cat([e, g, h, g.new_zeros(e.size(0), ball_width(e.size(1)) - e.size(1) - 2)], -1)
+        out[:, :e.size(1)] *= f
+        ctx.save_for_backward(weight, sq_norm)
+        ctx.c = c
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, sq_norm = ctx.saved_tensors
+        e, D = weight.float(), weight.size(1)
+        grad_e = grad[:, :D]
+        (f, _, _), (df, dg, dh) = _table_scalars(sq_norm, ctx.c)
+        dot = torch.linalg.vecdot(grad_e, e)[:, None]                              # G_e . e (V, 1)
+        d_sq = dot * df + grad[:, D:D + 1] * dg + grad[:, D + 1:D + 2] * dh       # dL / d|e|^2
+        return torch.mul(grad_e, f).addcmul_(e, 2 * d_sq).to(weight.dtype), None
+
+
+HALF_Q_FLOOR = 1e-12      # q/2 at or below this is taken as 0 (coincident points, where rounding can make |x - y|^2
+                          # <= 0), and the distance's derivative there as 0, as the subgradient of |x - y| at 0
+
+
+def asinh_sqrt_(half_q, out=None, s=None):
+    """half_q >= 0 -> asinh(sqrt(half_q)): log1p(s + q / (1 + sqrt(1 + q))) with s = sqrt(q), q = half_q, which is
+    asinh(s) = log(s + sqrt(1 + s^2)) written to keep its relative accuracy near 0 (fp32 error as torch.asinh's,
+    2e-7 relative against float64). Seven vectorised passes run about 4x faster on a CPU than torch.asinh, which
+    the distance head calls on every (row, token) pair. half_q is overwritten with sqrt(1 + q) - 1, and s (a
+    buffer of half_q's shape, optional) receives sqrt(q): together they are the derivative's
+    2 s sqrt(1 + q) = sinh(2 asinh(s)) without another transcendental pass. out: a buffer for the result (a
+    chunked caller reuses its buffers rather than allocating, and page-faulting, each time)."""
+    s = torch.sqrt(half_q, out=s) if s is not None else half_q.sqrt()
     r = torch.add(half_q, 1, out=out).sqrt_().add_(1) if out is not None else (half_q + 1).sqrt_().add_(1)
-    torch.div(half_q, r, out=r)
-    return r.add_(half_q.sqrt_()).log1p_()
-
-
-_A_FLOOR = float(asinh_sqrt_(torch.tensor(HALF_Q_FLOOR)))   # asinh(sqrt(floor)) as computed here, fp32
+    half_q.div_(r)                                                      # sqrt(1 + q) - 1, without cancellation
+    return torch.add(s, half_q, out=r).log1p_()
 
 
 def ball_distances(rows, cols, c=1.0):
-    """ball_rows (N, D+2), ball_cols (V, D+2) -> (N, V) Poincare distances, fp32: the product is q/2, and
+    """ball_rows (N, W), ball_cols (V, W) -> (N, V) Poincare distances, fp32: the product is q/2, and
     d = acosh(1 + q) / sqrt(c) = (2 / sqrt(c)) asinh(sqrt(q/2))."""
     with torch.autocast(rows.device.type, enabled=False):
-        half_q = (rows.float() @ cols.float().t()).clamp_min_(HALF_Q_FLOOR)
+        half_q = torch.threshold_(rows.float() @ cols.float().t(), HALF_Q_FLOOR, 0.0)
         return asinh_sqrt_(half_q).mul_(2 / math.sqrt(c))
 
 
 class BallLogits(torch.autograd.Function):
-    """(half_q (N, V), bias (V,), k ()) -> bias - k asinh(sqrt(max(half_q, floor))): the distance head's
-    element-wise part, with k = 2 / (sqrt(c) T). Three in-place passes, and the backward keeps only
+    """(half_q (N, V), bias (V,), k ()) -> bias - k asinh(sqrt(half_q)) (half_q at the floor taken as 0): the
+    distance head's element-wise part, with k = 2 / (sqrt(c) T). In-place passes, and the backward keeps only
     a = asinh(sqrt(q/2)) (da/dh = 1 / sinh(2a), zero where the floor holds) instead of autograd's four (N, V)
     tensors: on CPU the head's element-wise work is most of its cost, and (N, V) tensors most of its memory."""
 
     @staticmethod
     def forward(ctx, half_q, bias, k):
-        a = asinh_sqrt_(half_q.clamp_min(HALF_Q_FLOOR))
+        a = asinh_sqrt_(torch.threshold(half_q, HALF_Q_FLOOR, 0.0))
         ctx.save_for_backward(a, k)
         return torch.addcmul(bias, a, -k)
 
@@ -181,72 +246,97 @@ class BallLogits(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_half_q = (2 * a).sinh_()
             torch.div(grad, grad_half_q, out=grad_half_q)
-            grad_half_q = grad_half_q.masked_fill_(a <= _A_FLOOR, 0.0).mul_(-k)
+            grad_half_q = grad_half_q.masked_fill_(a <= 0, 0.0).mul_(-k)
         return grad_half_q, grad_bias, grad_k
 
 
 class BallLogSumExp(torch.autograd.Function):
-    """(rows (N, D+2), cols (V, D+2), bias (V,), k ()) with logits = bias - k asinh(sqrt(max(rows cols^T, floor))),
-    as BallLogits, -> (sum_r a_r lse_r - b_r logits[r, index_r], lse, pick, argmax, logits or None), a chunk of rows
-    at a time with each chunk's gradients taken at once (core.linear_lse_loss's scheme for the distance head): no
-    (N, V) tensor is kept for the backward, and the element-wise passes run on a chunk that stays in cache. With
-    keep_logits the logits are also written out, once, without a graph (the main head's, for the caller to read)."""
+    """(rows (N, W), cols (V, W), bias (V,), k ()) with logits = bias - k asinh(sqrt(rows cols^T)), as BallLogits,
+    -> (sum_r a_r lse_r - b_r logits[r, index_r], lse, pick, argmax, logits or None), a chunk of rows at a time
+    with each chunk's gradients taken at once (core.linear_lse_loss's scheme for the distance head): no (N, V)
+    tensor is kept for the backward. With keep > 0 the logits of the first keep rows are also written out, once,
+    without a graph (the main head's, for the caller to read, when its rows and the offsets' share the pass).
+
+    Per chunk, after the product: asinh_sqrt_ (leaving s = sqrt(q/2) and sqrt(1 + q/2) - 1 behind), the logits,
+    torch's fused softmax, the blocked max (lse = max - log p_max), and for the gradients six passes: a_r p, its
+    column sums and its dot with the logits (the bias's and k's gradients), the derivative
+    P = s sqrt(1 + q/2) = sinh(2 dist) / 2 from what asinh_sqrt_ left, a_r p / P, and zero where the floor made
+    P = 0 (nan_to_num). The constant -k/2 and the one-hot's -b_r are applied to the (rows, W) results, not to
+    (rows, V): 18 passes over (rows, V) per chunk where the plain chain took 22, and no sinh."""
 
     @staticmethod
-    def forward(ctx, rows, cols, bias, k, index, a, b, chunk, grad_enabled, keep_logits=False):
+    def forward(ctx, rows, cols, bias, k, index, a, b, chunk, grad_enabled, keep=0):
         ctx.set_materialize_grads(False)   # no (N, V) zeros for the kept logits' absent gradient (core's pass too)
         b = a if b is None else b
         need = [grad_enabled and ctx.needs_input_grad[i] for i in range(4)]
-        total = torch.zeros((), device=rows.device)
         lse, pick, argmax = [], [], []
-        out = rows.new_empty(rows.size(0), cols.size(0)) if keep_logits else None
+        out = rows.new_empty(keep, cols.size(0)) if keep else None
         g_rows = torch.empty_like(rows) if need[0] else None
-        g_cols = None   # the first chunk's product starts it: no pass to zero a (V, D+2) buffer
-        g_bias = torch.zeros_like(bias) if need[2] else None
-        g_k = torch.zeros_like(k) if need[3] else None
-        # two (chunk, V) work buffers serve every chunk: fresh ones per chunk cost more in page faults than the
+        g_cols = None   # the first chunk's product starts it: no pass to zero a (V, W) buffer
+        g_bias = None
+        # sum_r a_r p_r . logits_r - b_r logits[r, index_r] and sum_r a_r p_r: with dist = (bias - logits) / k,
+        # they give k's gradient, so the logits can overwrite the distances
+        p_logits, p_sum = torch.zeros((), device=rows.device), torch.zeros_like(bias)
+        # (chunk, V) work buffers serve every chunk: fresh ones per chunk cost more in page faults than the
         # element-wise passes that fill them
-        work = [rows.new_empty(min(chunk, rows.size(0)), cols.size(0)) for _ in range(2)]
-        for lo in range(0, rows.size(0), chunk):
-            rc, ic, ac, bc = rows[lo:lo + chunk], index[lo:lo + chunk, None], a[lo:lo + chunk], b[lo:lo + chunk]
-            buf_q, buf_d = (w[:rc.size(0)] for w in work)
-            half_q = torch.mm(rc, cols.t(), out=buf_q).clamp_min_(HALF_Q_FLOOR)
-            dist = asinh_sqrt_(half_q, out=buf_d)                                          # (chunk, V)
-            logits = torch.addcmul(bias, dist, -k, out=out[lo:lo + chunk] if keep_logits else buf_q)
+        work = [rows.new_empty(min(chunk, rows.size(0)), cols.size(0)) for _ in range(4)]
+        # chunks never straddle the kept rows' end, so each chunk's logits go either out or to a work buffer
+        spans = [(lo, min(lo + chunk, keep)) for lo in range(0, keep, chunk)]
+        spans += [(lo, min(lo + chunk, rows.size(0))) for lo in range(keep, rows.size(0), chunk)]
+        for lo, hi in spans:
+            rc, ic, ac, bc = rows[lo:hi], index[lo:hi, None], a[lo:hi], b[lo:hi]
+            n = hi - lo
+            buf_q, buf_s, buf_d, buf_p = (w[:n] for w in work)
+            half_q = torch.threshold_(torch.mm(rc, cols.t(), out=buf_q), HALF_Q_FLOOR, 0.0)
+            dist = asinh_sqrt_(half_q, out=buf_d, s=buf_s)          # (n, V); buf_s = s, half_q = sqrt(1 + q/2) - 1
+            logits = torch.mul(dist, -k, out=out[lo:hi] if lo < keep else dist).add_(bias)
+            p = torch.ops.aten._softmax.out(logits, -1, False, out=buf_p)
+            top, top_i = core.row_max(logits)                          # for the lse and the argmax: one pass
+            lse_c = top - p.gather(1, top_i[:, None])[:, 0].log()       # p_max = exp(max - lse)
             pick_c = logits.gather(1, ic)[:, 0]
-            top, top_i = logits.max(-1)                          # the max for a stable lse and the argmax: one pass
-            e = torch.sub(logits, top[:, None], out=buf_q).exp_()   # exp(logits - max)
-            norm = e.sum(-1)
-            lse_c = top + norm.log()
             argmax.append(top_i)
             lse.append(lse_c)
             pick.append(pick_c)
-            total = total + (ac * lse_c - bc * pick_c).sum()
             if any(need):
-                g = e.mul_((ac / norm)[:, None])                                          # a softmax
-                g.scatter_add_(1, ic, -bc[:, None])                                       # - b onehot
-                if need[2]:
-                    g_bias += g.sum(0)
+                p.mul_(ac[:, None])                                     # a_r p_r: d/d logits without the one-hot
+                if need[2] or need[3]:
+                    p_sum += p.sum(0)
                 if need[3]:
-                    g_k -= g.view(-1) @ dist.view(-1)
-                if need[0] or need[1]:  # d dist / d q = 1 / sinh(2 dist), zero where the floor holds
-                    floor = dist <= _A_FLOOR
-                    g = g.div_(dist.mul_(2).sinh_()).masked_fill_(floor, 0.0).mul_(-k)
+                    p_logits = p_logits + torch.dot(p.view(-1), logits.reshape(-1)) - (bc * pick_c).sum()
+                if need[0] or need[1]:  # d dist / d (q/2) = 1 / (2 P), P = s sqrt(1 + q/2); P = 0 at the floor
+                    P = buf_s.addcmul_(buf_s, half_q)
+                    P_i = P.gather(1, ic)[:, 0]
+                    one_hot = torch.where(P_i > 0, bc / P_i, 0.0)          # the target's -b_r, over its P
+                    g = p.div_(P).nan_to_num_(0.0, 0.0, 0.0)              # a_r p / P, 0 where P = 0
                     if need[0]:
-                        g_rows[lo:lo + chunk] = g @ cols
+                        torch.mm(g, cols, out=g_rows[lo:hi]).sub_(one_hot[:, None] * cols[ic[:, 0]])
                     if need[1]:
                         g_cols = g.t() @ rc if g_cols is None else g_cols.addmm_(g.t(), rc)
-        ctx.save_for_backward(g_rows, g_cols, g_bias, g_k)
+                        g_cols.index_add_(0, ic[:, 0], one_hot[:, None] * rc, alpha=-1.0)
+        g_k = None
+        if need[2] or need[3]:
+            g_bias = p_sum.index_add_(0, index, -b)                     # sum over rows of d total / d logits
+            # d total / dk = -sum g_logits dist, and dist = (bias - logits) / k
+            g_k = (p_logits - bias @ g_bias) / k if need[3] else None
         lse, pick, argmax = torch.cat(lse), torch.cat(pick), torch.cat(argmax)
-        ctx.mark_non_differentiable(lse, pick, argmax, *([out] if keep_logits else []))
+        total = (a * lse - b * pick).sum()
+        half_k = -k / 2                                                 # d logits / d dist = -k
+        # the gradients are this pass's own tensors, scaled in place by the incoming gradient in backward (a
+        # fresh (V, W) product there costs a page-faulted allocation per step); so backward runs once
+        ctx.grads = [None if g_rows is None else g_rows.mul_(half_k), None if g_cols is None else g_cols.mul_(half_k),
+                     g_bias if need[2] else None, g_k]
+        ctx.mark_non_differentiable(lse, pick, argmax, *([out] if keep else []))
         return total, lse, pick, argmax, out
 
     @staticmethod
     def backward(ctx, g_total, *_):
         if g_total is None:
             return (None,) * 10
-        grads = tuple(None if g is None else g * g_total for g in ctx.saved_tensors)
-        return grads + (None,) * 6
+        if ctx.grads is None:
+            raise RuntimeError("the distance head's chunked pass was already backpropagated: retain_graph is not "
+                               "supported through it, run the forward again")
+        grads, ctx.grads = ctx.grads, None
+        return tuple(None if g is None else g.mul_(g_total) for g in grads) + (None,) * 6
 
 
 def poincare_distance_matrix(x, y, c=1.0, gap_x=None, gap_y=None):
@@ -803,8 +893,8 @@ class Model(core.LM):
         return memo[1]
 
     def _ball_table(self, weight):
-        c = self.config.curvature
-        return ball_cols(exp0(weight, c), c, exp0_gap(weight, c))
+        with torch.autocast(weight.device.type, enabled=False):
+            return BallTable.apply(weight, self.config.curvature)   # ball_cols(exp0(W), c, exp0_gap(W)), fused
 
     def readout(self, z, table=None, flat=False):
         """Normed states (..., D) -> logits (..., V) through the tied table (head_table(), computed here when not
@@ -828,22 +918,29 @@ class Model(core.LM):
                 logits = BallLogits.apply(half_q, self.hyper_bias.float(), inv_temp * (2 / math.sqrt(c)))
         return logits.reshape(*z.shape[:-1], -1)
 
-    def readout_lse(self, z, index, a, table=None, keep_logits=False):
+    def readout_lse(self, z, index, a, table=None, keep=0):
         """Normed states z (N, D) -> (sum_r a_r CE(readout(z_r), index_r), lse, pick, argmax), the readout's logits
         taken a chunk of rows at a time (never (N, V) at once): core.linear_lse_loss for the dot-product head,
-        BallLogSumExp for the distance head. keep_logits: a fifth element, the logits (N, V) without a graph."""
+        BallLogSumExp for the distance head. keep > 0: a fifth element, the logits (keep, V) of the first keep
+        rows, without a graph."""
         if not self.config.hyperbolic_head:
-            return core.linear_lse_loss(z * self.logit_scale, self.wte.weight if table is None else table, index, a,
-                                        keep_logits=keep_logits)
+            weight = self.wte.weight if table is None else table
+            if not keep:
+                return core.linear_lse_loss(z * self.logit_scale, weight, index, a)
+            head = core.linear_lse_loss(z[:keep] * self.logit_scale, weight, index[:keep], a[:keep], keep_logits=True)
+            if keep == z.size(0):
+                return head
+            rest = core.linear_lse_loss(z[keep:] * self.logit_scale, weight, index[keep:], a[keep:])
+            return (head[0] + rest[0], *(torch.cat([x, y]) for x, y in zip(head[1:4], rest[1:4])), head[4])
         c = self.config.curvature
         with torch.autocast(z.device.type, enabled=False):
             tangent = self.hyper_proj(z.float())
-            rows = ball_rows(exp0(tangent, c), c, exp0_gap(tangent, c))                      # (N, D+2) fp32
+            rows = ball_rows(exp0(tangent, c), c, exp0_gap(tangent, c))                      # (N, W) fp32
             k = self.hyper_log_inv_temp.float().exp() * (2 / math.sqrt(c))
             cols = self.head_table() if table is None else table
             out = BallLogSumExp.apply(rows, cols, self.hyper_bias.float(), k, index, a.float(), None,
-                                      core.lse_chunk_rows(cols.size(0)), torch.is_grad_enabled(), keep_logits)
-            return out if keep_logits else out[:4]
+                                      core.lse_chunk_rows(cols.size(0)), torch.is_grad_enabled(), keep)
+            return out if keep else out[:4]
 
     def horizon_states(self, h):
         """h (B, T, D) pre-LN_f -> LN_f(h + U_k V_k^T LN(h)) for offsets 2..H: (B, T, H-1, D)."""
@@ -930,51 +1027,52 @@ class Model(core.LM):
         writes its logits for the caller: -> (loss, aux, states, logits (B, T, V) without a graph)."""
         c = self.config
         B, T, _ = hn.shape
+        N, n_off = B * T, c.horizon - 1
         valid1 = targets >= 0
         n_valid = valid1.sum().clamp_min(1)
-        total1, lse1, pick1, main_pred, logits = self.readout_lse(
-            hn.reshape(B * T, -1), targets.clamp_min(0).reshape(-1), (valid1 / n_valid).reshape(-1), table,
-            keep_logits=True)
-        ce1 = ((lse1 - pick1) * valid1.reshape(-1)).view(B, T)                    # no gradient: total1 has it
-        main_pred = main_pred.view(B, T)                                          # (B, T): what greedy picks
+        hw = c.horizon_weight if n_off else 0.0
+        # one chunked pass over V scores the main head's rows and the offsets' (below), its total the weighted CE
+        # sum (CE_1 + lambda_h sum_k w_k CE_k) / (1 + lambda_h); the main rows' logits are written for the caller
+        z, index, coef = [hn.reshape(N, -1)], [targets.clamp_min(0).reshape(-1)], [(valid1 / n_valid / (1 + hw)).reshape(-1)]
+        if n_off:
+            # offsets 2..H are scored at rows (n_off, n) of the B*T positions: in training a fresh random subset
+            # per offset, about horizon_sample heads' worth of rows in all (every row in eval). Sums over drawn
+            # rows are scaled by N / n and divided by counts over the full window: unbiased estimates of the full
+            # sums.
+            rows = core.offset_rows(N, n_off, hn.device, c.horizon_sample if self.training else None)
+            n = rows.size(1)
+            k = torch.arange(n_off, device=hn.device)[:, None]
+            target_all = core.offset_targets(targets, n_off)                       # (N, n_off)
+            target = target_all[rows, k]                                           # (n_off, n)
+            states = self.offset_states(h.reshape(N, -1)[rows])                    # (n_off, n, D)
+            valid = target >= 0
+            scale = N / n
+            counts = (target_all >= 0).sum(0).clamp_min(1)                          # (n_off,) on the full window
+            weight = c.horizon_gamma ** torch.arange(2, c.horizon + 1, device=hn.device, dtype=torch.float32)
+            z.append(states.reshape(-1, states.size(-1)))
+            index.append(target.clamp_min(0).reshape(-1))
+            coef.append(((hw / (1 + hw) * weight / weight.sum() * scale / counts)[:, None] * valid).reshape(-1))
+        loss, lse, pick, argmax, logits = self.readout_lse(torch.cat(z), torch.cat(index), torch.cat(coef), table,
+                                                           keep=N)
+        ce1 = ((lse[:N] - pick[:N]) * valid1.reshape(-1)).view(B, T)             # no gradient: loss has it
+        main_pred = argmax[:N].view(B, T)                                         # (B, T): what greedy picks
         aux = {"lm": ce1.sum() / n_valid}
         unc_sum = F.huber_loss(u[..., 0], ce1, reduction="none").mul(valid1).sum()
         unc_count = valid1.sum()
         bce = lambda z, hit: F.binary_cross_entropy_with_logits(z, hit, reduction="none")  # noqa: E731
         acc_sum = bce(acc_logits[..., 0], (main_pred == targets).float()).mul(valid1).sum()
         states = None
-        loss = total1
-        if c.horizon > 1:
-            # offsets 2..H are scored at rows (n_off, n) of the B*T positions: in training a fresh random subset
-            # per offset, about horizon_sample heads' worth of rows in all (every row in eval), all through one
-            # chunked readout pass (readout_lse), so no (rows, V) tensor is kept. Sums over drawn rows are scaled
-            # by N / n and divided by counts over the full window: unbiased estimates of the full sums.
-            N, n_off = B * T, c.horizon - 1
-            rows = core.offset_rows(N, n_off, hn.device, c.horizon_sample if self.training else None)
-            n = rows.size(1)
-            k = torch.arange(n_off, device=hn.device)[:, None]
-            target_all = core.offset_targets(targets, n_off)                       # (N, n_off)
-            target, agree = target_all[rows, k], core.offset_targets(main_pred, n_off)[rows, k]  # (n_off, n)
-            states = self.offset_states(h.reshape(N, -1)[rows])                    # (n_off, n, D)
-            valid = target >= 0
-            scale = N / n
-            counts = (target_all >= 0).sum(0).clamp_min(1)                          # (n_off,) on the full window
-            weight = c.horizon_gamma ** torch.arange(2, c.horizon + 1, device=hn.device, dtype=torch.float32)
-            # the offsets' part of the loss is one weighted sum of row CEs, taken in one chunked pass over V
-            coef = (c.horizon_weight / (1 + c.horizon_weight) * weight / weight.sum() * scale / counts)[:, None] * valid
-            total, lse, pick, argmax = self.readout_lse(states.reshape(-1, states.size(-1)),
-                                                        target.clamp_min(0).reshape(-1), coef.reshape(-1), table)
-            ce = ((lse - pick).view(n_off, n) * valid).detach()                     # (n_off, n)
-            hit = (argmax.view(n_off, n) == agree).float()
+        if n_off:
+            ce = ((lse[N:] - pick[N:]).view(n_off, n) * valid).detach()             # (n_off, n)
+            hit = (argmax[N:].view(n_off, n) == core.offset_targets(main_pred, n_off)[rows, k]).float()
             aux["horizon"] = (weight * scale * ce.sum(1) / counts).sum() / weight.sum()
-            loss = loss / (1 + c.horizon_weight) + total
             u_k = u.reshape(N, -1)[:, 1:][rows, k]
             a_k = acc_logits.reshape(N, -1)[:, 1:][rows, k]
-            unc_sum = unc_sum + scale * F.huber_loss(u_k, ce.detach(), reduction="none").mul(valid).sum()
+            unc_sum = unc_sum + scale * F.huber_loss(u_k, ce, reduction="none").mul(valid).sum()
             acc_sum = acc_sum + scale * bce(a_k, hit).mul(valid).sum()
             unc_count = unc_count + (target_all >= 0).sum()
             # drafting reads every position's states; a training subset is none
-            states = None if self.training else states.reshape(n_off, B, T, -1).permute(1, 2, 0, 3)
+            states = None if self.training else z[1].reshape(n_off, B, T, -1).permute(1, 2, 0, 3)
         aux["uncertainty"] = unc_sum / unc_count.clamp_min(1)
         aux["acceptance"] = acc_sum / unc_count.clamp_min(1)
         aux["balance"], aux["router_z"] = balance, z_loss

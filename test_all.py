@@ -2556,12 +2556,96 @@ def test_v8_2_chunked_readout_loss_equals_the_readouts_cross_entropy_in_value_gr
     logits = model.readout(z)
     want = (a * F.cross_entropy(logits, index, reduction="none")).sum()
     assert abs(total.item() - want.item()) < 1e-4 and torch.equal(argmax, logits.argmax(-1))
-    kept = model.readout_lse(z, index, a, keep_logits=True)[4]       # the logits the main head hands back
-    assert max_diff(kept, logits) <= 1e-5 and not kept.requires_grad
+    # the logits the main head hands back: its rows come first in a pass shared with the offsets' rows
+    with_kept = model.readout_lse(z, index, a, keep=5)
+    assert max_diff(with_kept[4], logits[:5]) <= 1e-5 and not with_kept[4].requires_grad
+    assert abs(with_kept[0].item() - total.item()) <= 1e-5 and torch.equal(with_kept[3], argmax)
+    assert torch.equal(model.readout_lse(z, index, a, keep=11)[3], argmax)
     params = [z] + list(model.parameters())
     got, ref = (torch.autograd.grad(t, params, allow_unused=True) for t in (total, want))
     for x, y in zip(got, ref):
         assert (x is None) == (y is None) and (x is None or torch.allclose(x, y, atol=1e-5)), (x, y)
+
+
+def test_ball_table_equals_exp0_then_ball_cols_in_value_and_gradient_for_norms_0_to_1e4():
+    """BallTable, the head's fused map of the whole table into the ball, is ball_cols(exp0(W), c, exp0_gap(W)):
+    same columns (zero-padded to a multiple of 8 wide) and the same gradient, against the composed maps in float64,
+    from the zero vector through the tanh's cap to 1e4, at two curvatures."""
+    g = torch.Generator().manual_seed(0)
+    norms = torch.cat([torch.tensor([0.0, 1e-12, 1e-6, 1e-3, 0.1, 1.0, 3.0, 6.0, 6.2, 10.0, 1e4]),
+                       torch.rand(64, generator=g) * 8])
+    for c, D in ((1.0, 16), (0.5, 13)):
+        w = (F.normalize(torch.randn(len(norms), D, generator=g), dim=-1) * norms[:, None]).requires_grad_()
+        grad = torch.randn(len(norms), model_v8_2.ball_width(D), generator=g)
+        got = model_v8_2.BallTable.apply(w, c)
+        got_grad, = torch.autograd.grad(got, w, grad)
+        w64 = w.detach().double().requires_grad_()
+        want = model_v8_2.ball_cols(model_v8_2.exp0(w64, c), c, model_v8_2.exp0_gap(w64, c))
+        want_grad, = torch.autograd.grad(want, w64, grad.double())
+        assert got.shape == want.shape and got.size(1) % 8 == 0 and (got[:, D + 2:] == 0).all()
+        scale = want.abs().amax(-1, keepdim=True)
+        assert ((got.double() - want).abs() / scale).max().item() <= 1e-5
+        scale = want_grad.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+        assert ((got_grad.double() - want_grad).abs() / scale).max().item() <= 1e-5
+
+
+def test_row_max_is_max_with_the_first_index_on_ties():
+    g = torch.Generator().manual_seed(0)
+    for V in (128, 100):                                # blocked (a multiple of 64), and torch.max's fallback
+        x = torch.randint(0, 5, (7, V), generator=g).float()  # many ties
+        x[0] = 3.0                                            # a row that is all one value
+        x[1, [5, 70 % V, V - 1]] = 9.0                        # the first of three maxima, in different blocks
+        top, index = core.row_max(x)
+        assert torch.equal(top, x.max(-1).values) and torch.equal(index, x.argmax(-1))
+        assert index[0] == 0 and index[1] == 5
+
+
+def test_ball_chunked_pass_matches_the_readout_over_chunks_at_coincident_points_and_the_floor():
+    """BallLogSumExp over chunks of 4 rows (split at the 6 kept rows' end: 0-3, 4-5, 6-9, 10) gives BallLogits' a-
+    and b-weighted loss, lse, pick and argmax, and the same gradients for the rows, the table, the bias and the scale. Row 4 is exactly
+    token 5's point (distance ~0 up to the product's rounding); row 3 is zero, so its every product is 0, under
+    the floor: distances 0, logits = bias, no gradient from that row. Every gradient is finite."""
+    g = torch.Generator().manual_seed(0)
+    N, D, V, c = 11, 16, 37, 1.0
+    tangent = torch.randn(N, D, generator=g) * 0.5
+    table = (torch.randn(V, D, generator=g) * 0.3).requires_grad_()
+    tangent[4] = table.detach()[5]
+    rows = model_v8_2.ball_rows(model_v8_2.exp0(tangent, c), c, model_v8_2.exp0_gap(tangent, c))
+    rows[3] = 0.0
+    rows.requires_grad_()
+    bias = (0.1 * torch.randn(V, generator=g)).requires_grad_()
+    k = torch.tensor(1.7, requires_grad=True)
+    index = torch.randint(0, V, (N,), generator=g)
+    index[4] = 5
+    a, b = torch.rand(N, generator=g), torch.rand(N, generator=g)
+    cols = model_v8_2.BallTable.apply(table, c)
+    total, lse, pick, argmax, kept = model_v8_2.BallLogSumExp.apply(rows, cols, bias, k, index, a, b, 4, True, 6)
+    logits = model_v8_2.BallLogits.apply(rows @ cols.t(), bias, k)
+    want = (a * logits.logsumexp(-1) - b * logits.gather(1, index[:, None])[:, 0]).sum()
+    assert abs(total.item() - want.item()) <= 1e-5 * abs(want.item())
+    off_cusp = torch.ones_like(kept, dtype=torch.bool)
+    off_cusp[4, 5] = False                              # sqrt magnifies the product's rounding at the cusp
+    assert max_diff(kept[off_cusp], logits[:6][off_cusp]) <= 1e-5 and max_diff(kept[4, 5], logits[4, 5]) <= 1e-3
+    other = torch.arange(N) != 4
+    assert max_diff(lse[other], logits.logsumexp(-1)[other]) <= 1e-5 and max_diff(lse, logits.logsumexp(-1)) <= 1e-3
+    assert torch.equal(argmax, logits.argmax(-1)) and torch.equal(pick[:6], kept.gather(1, index[:6, None])[:, 0])
+    assert torch.equal(kept[3], bias.detach()) and abs(kept[4, 5].item() - bias[5].item()) <= 1e-2
+    params = (rows, table, bias, k)
+    # at row 4's cusp d dist / dq = 1 / (2 sqrt(q)) magnifies the product's rounding (which differs between a
+    # chunk and the whole matrix): its gradient is only required finite, the rest to equal the readout's
+    assert all(torch.isfinite(x).all() for x in torch.autograd.grad(total, params, retain_graph=True))
+    a[4] = b[4] = 0.0
+    total = model_v8_2.BallLogSumExp.apply(rows, cols, bias, k, index, a, b, 4, True, 0)[0]
+    want = (a * logits.logsumexp(-1) - b * logits.gather(1, index[:, None])[:, 0]).sum()
+    got = torch.autograd.grad(2 * total, params, retain_graph=True)
+    ref = torch.autograd.grad(2 * want, params)
+    for x, y in zip(got, ref):
+        assert max_diff(x, y) <= 1e-5 * y.abs().max().item() + 1e-7
+    assert (got[0][3] == 0).all()
+    total = model_v8_2.BallLogSumExp.apply(rows, cols.detach(), bias, k, index, a, b, 4, True, 0)[0]
+    torch.autograd.grad(total, (rows, bias), retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):   # its gradients were scaled in place, once
+        torch.autograd.grad(total, (rows, bias))
 
 
 def test_predicted_uncertainty_correlates_with_the_realised_loss_on_held_out_data():
