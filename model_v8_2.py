@@ -323,8 +323,9 @@ class BallLogSumExp(torch.autograd.Function):
         half_k = -k / 2                                                 # d logits / d dist = -k
         # the gradients are this pass's own tensors, scaled in place by the incoming gradient in backward (a
         # fresh (V, W) product there costs a page-faulted allocation per step); so backward runs once
-        ctx.grads = [None if g_rows is None else g_rows.mul_(half_k), None if g_cols is None else g_cols.mul_(half_k),
-                     g_bias if need[2] else None, g_k]
+        ctx.save_for_backward(None if g_rows is None else g_rows.mul_(half_k),
+                              None if g_cols is None else g_cols.mul_(half_k), g_bias if need[2] else None, g_k)
+        ctx.backpropagated = False
         ctx.mark_non_differentiable(lse, pick, argmax, *([out] if keep else []))
         return total, lse, pick, argmax, out
 
@@ -332,11 +333,11 @@ class BallLogSumExp(torch.autograd.Function):
     def backward(ctx, g_total, *_):
         if g_total is None:
             return (None,) * 10
-        if ctx.grads is None:
+        if ctx.backpropagated:
             raise RuntimeError("the distance head's chunked pass was already backpropagated: retain_graph is not "
                                "supported through it, run the forward again")
-        grads, ctx.grads = ctx.grads, None
-        return tuple(None if g is None else g.mul_(g_total) for g in grads) + (None,) * 6
+        ctx.backpropagated = True
+        return tuple(None if g is None else g.mul_(g_total) for g in ctx.saved_tensors) + (None,) * 6
 
 
 def poincare_distance_matrix(x, y, c=1.0, gap_x=None, gap_y=None):
