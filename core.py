@@ -1080,8 +1080,8 @@ class _LinearLogSumExp(torch.autograd.Function):
         grad_z = torch.empty_like(z) if want_z else None
         grad_w = None  # the first chunk's product starts it: no pass to zero a (V, D) buffer
         # fp32 logits to keep are written by the product itself, straight into the caller's tensor (no copy pass)
-        direct = (keep_logits and z.dtype == weight.dtype == torch.float32
-                  and not torch.is_autocast_enabled(z.device.type))
+        autocast = torch.is_autocast_enabled(z.device.type)
+        direct = keep_logits and z.dtype == weight.dtype == torch.float32 and not autocast
         out = z.new_empty(z.size(0), weight.size(0)) if direct else None
         for lo in range(0, z.size(0), chunk):
             zc, ic, ac, bc = z[lo:lo + chunk], index[lo:lo + chunk], a[lo:lo + chunk], b[lo:lo + chunk]
@@ -1115,8 +1115,11 @@ class _LinearLogSumExp(torch.autograd.Function):
             if want_w:
                 zf = zc.float()
                 side = zf * ac[:, None] if pull is None else zf * ac[:, None] - pull[lo:lo + chunk]
-                gw = (e.t() @ (side / norm[:, None])).float()   # fp32 under autocast too, as index_add_ needs
-                grad_w = gw if grad_w is None else grad_w.add_(gw)
+                if grad_w is None or autocast:      # fp32 under autocast too, as index_add_ needs
+                    gw = (e.t() @ (side / norm[:, None])).float()
+                    grad_w = gw if grad_w is None else grad_w.add_(gw)
+                else:                               # accumulated in place: no fresh (V, D) product per chunk
+                    grad_w.addmm_(e.t(), side / norm[:, None])
                 grad_w.index_add_(0, ic, -bc[:, None] * zf)
         expected = torch.cat(expected) if pull is not None else None
         ctx.save_for_backward(grad_z, grad_w, -expected if want_pull else None)
