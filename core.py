@@ -1069,7 +1069,7 @@ class _LinearLogSumExp(torch.autograd.Function):
     d loss / d z = a S - b W[index], and W's gradient from both terms is one product P^T (a z - pull)."""
 
     @staticmethod
-    def forward(ctx, z, weight, index, a, b, pull, chunk, grad_enabled, keep_logits):
+    def forward(ctx, z, weight, index, a, b, pull, chunk, grad_enabled, keep):
         # outputs without a gradient (the logits, lse, ...) reach backward as None, not as zeros autograd would
         # fill: a (rows, V) fill of the kept logits every step (5 % of v6's step at d_model 128)
         ctx.set_materialize_grads(False)
@@ -1081,22 +1081,23 @@ class _LinearLogSumExp(torch.autograd.Function):
         grad_w = None  # the first chunk's product starts it: no pass to zero a (V, D) buffer
         # fp32 logits to keep are written by the product itself, straight into the caller's tensor (no copy pass)
         autocast = torch.is_autocast_enabled(z.device.type)
-        direct = keep_logits and z.dtype == weight.dtype == torch.float32 and not autocast
-        out = z.new_empty(z.size(0), weight.size(0)) if direct else None
-        for lo in range(0, z.size(0), chunk):
-            zc, ic, ac, bc = z[lo:lo + chunk], index[lo:lo + chunk], a[lo:lo + chunk], b[lo:lo + chunk]
-            if direct:
-                logits = torch.mm(zc, weight.t(), out=out[lo:lo + chunk])               # (chunk, V), kept
+        direct = keep > 0 and z.dtype == weight.dtype == torch.float32 and not autocast
+        out = z.new_empty(keep, weight.size(0)) if direct else None
+        for lo, hi in chunk_spans(z.size(0), chunk, keep):
+            zc, ic, ac, bc = z[lo:hi], index[lo:hi], a[lo:hi], b[lo:hi]
+            kept_direct = direct and lo < keep
+            if kept_direct:
+                logits = torch.mm(zc, weight.t(), out=out[lo:hi])                    # (chunk, V), kept
             else:
                 logits = F.linear(zc, weight)                                        # (chunk, V): the only one
-                if keep_logits:
-                    out = logits.new_empty(z.size(0), logits.size(1)) if out is None else out
-                    out[lo:lo + chunk] = logits
+                if lo < keep:
+                    out = logits.new_empty(keep, logits.size(1)) if out is None else out
+                    out[lo:hi] = logits
             logits = logits.float()
             pick_c = logits.gather(1, ic[:, None])[:, 0]
             top, top_i = row_max(logits)                         # the max for a stable lse and the argmax: one pass
             # exp(logits - max), in place unless the logits are the kept ones
-            e = torch.sub(logits, top[:, None]).exp_() if direct else logits.sub_(top[:, None]).exp_()
+            e = torch.sub(logits, top[:, None]).exp_() if kept_direct else logits.sub_(top[:, None]).exp_()
             norm = e.sum(-1)
             lse_c = top + norm.log()
             argmax.append(top_i)
@@ -1108,13 +1109,13 @@ class _LinearLogSumExp(torch.autograd.Function):
             if want_z or pull is not None:
                 s = (e.to(weight.dtype) @ weight).float() / norm[:, None]              # (chunk, D): S = P W
             if pull is not None:
-                total = total - (pull[lo:lo + chunk] * s).sum()
+                total = total - (pull[lo:hi] * s).sum()
                 expected.append(s)
             if want_z:
-                grad_z[lo:lo + chunk] = (ac[:, None] * s - bc[:, None] * weight[ic].float()).to(z.dtype)
+                grad_z[lo:hi] = (ac[:, None] * s - bc[:, None] * weight[ic].float()).to(z.dtype)
             if want_w:
                 zf = zc.float()
-                side = zf * ac[:, None] if pull is None else zf * ac[:, None] - pull[lo:lo + chunk]
+                side = zf * ac[:, None] if pull is None else zf * ac[:, None] - pull[lo:hi]
                 if grad_w is None or autocast:      # fp32 under autocast too, as index_add_ needs
                     gw = (e.t() @ (side / norm[:, None])).float()
                     grad_w = gw if grad_w is None else grad_w.add_(gw)
@@ -1152,6 +1153,14 @@ def row_max(x, block=64):
     return top, j * block + blocks[torch.arange(n, device=x.device), j].argmax(-1)
 
 
+def chunk_spans(n_rows, chunk, keep=0):
+    """(lo, hi) row ranges of at most `chunk` rows covering n_rows, none straddling row `keep`: a chunked pass
+    writes the logits of its first keep rows for the caller and only works on the others' (a main head's rows
+    and the horizon offsets' rows in one pass)."""
+    return ([(lo, min(lo + chunk, keep)) for lo in range(0, keep, chunk)]
+            + [(lo, min(lo + chunk, n_rows)) for lo in range(keep, n_rows, chunk)])
+
+
 def lse_chunk_rows(vocab_size):
     """Rows per chunk of a chunked pass over the vocabulary: about 8M logits (a chunk's (rows, V) tensors stay
     small), in whole blocks of 8 rows, so the CPU GEMM never runs a slow 2- or 3-row remainder (linear_rows)."""
@@ -1165,7 +1174,7 @@ def linear_lse_loss(z, weight, index, a, b=None, chunk=None, keep_logits=False, 
     at once, and nothing of size V is kept for the backward (3 matmuls, no recomputation, one pass over the
     logits held in cache). -> (total, lse (N,), pick (N,), argmax (N,)); only total carries a gradient.
     keep_logits adds the logits (N, V), written once chunk by chunk, without a graph (a main head's loss through
-    this pass still hands its logits to the caller).
+    this pass still hands its logits to the caller); an int n keeps the first n rows' logits (n, V) only.
     pull (N, D) adds - sum_r pull_r . S_r to the total, S_r = sg(softmax(z_r W^T)) W the expected unembedding row
     (W's gradient through S included, the softmax's stopped; pull's gradient is -S), and S (N, D) to the outputs:
     a KL(sg(p) || q_k) toward another head's rows z_k (v6's consistency term) has its p-side terms from this pass
@@ -1173,7 +1182,8 @@ def linear_lse_loss(z, weight, index, a, b=None, chunk=None, keep_logits=False, 
     chunk = chunk or lse_chunk_rows(weight.size(0))
     # grad mode is off inside a Function's forward, so whether a backward can come is read here
     out = _LinearLogSumExp.apply(z, weight, index, a.float(), None if b is None else b.float(),
-                                 None if pull is None else pull.float(), chunk, torch.is_grad_enabled(), keep_logits)
+                                 None if pull is None else pull.float(), chunk, torch.is_grad_enabled(),
+                                 z.size(0) if keep_logits is True else int(keep_logits))
     return out[:4] + ((out[4],) if keep_logits else ()) + ((out[5],) if pull is not None else ())
 
 

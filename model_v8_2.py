@@ -281,9 +281,7 @@ class BallLogSumExp(torch.autograd.Function):
         # element-wise passes that fill them
         work = [rows.new_empty(min(chunk, rows.size(0)), cols.size(0)) for _ in range(4)]
         # chunks never straddle the kept rows' end, so each chunk's logits go either out or to a work buffer
-        spans = [(lo, min(lo + chunk, keep)) for lo in range(0, keep, chunk)]
-        spans += [(lo, min(lo + chunk, rows.size(0))) for lo in range(keep, rows.size(0), chunk)]
-        for lo, hi in spans:
+        for lo, hi in core.chunk_spans(rows.size(0), chunk, keep):
             rc, ic, ac, bc = rows[lo:hi], index[lo:hi, None], a[lo:hi], b[lo:hi]
             n = hi - lo
             buf_q, buf_s, buf_d, buf_p = (w[:n] for w in work)
@@ -925,14 +923,8 @@ class Model(core.LM):
         BallLogSumExp for the distance head. keep > 0: a fifth element, the logits (keep, V) of the first keep
         rows, without a graph."""
         if not self.config.hyperbolic_head:
-            weight = self.wte.weight if table is None else table
-            if not keep:
-                return core.linear_lse_loss(z * self.logit_scale, weight, index, a)
-            head = core.linear_lse_loss(z[:keep] * self.logit_scale, weight, index[:keep], a[:keep], keep_logits=True)
-            if keep == z.size(0):
-                return head
-            rest = core.linear_lse_loss(z[keep:] * self.logit_scale, weight, index[keep:], a[keep:])
-            return (head[0] + rest[0], *(torch.cat([x, y]) for x, y in zip(head[1:4], rest[1:4])), head[4])
+            return core.linear_lse_loss(z * self.logit_scale, self.wte.weight if table is None else table, index, a,
+                                        keep_logits=keep)
         c = self.config.curvature
         with torch.autocast(z.device.type, enabled=False):
             tangent = self.hyper_proj(z.float())
@@ -1034,7 +1026,9 @@ class Model(core.LM):
         hw = c.horizon_weight if n_off else 0.0
         # one chunked pass over V scores the main head's rows and the offsets' (below), its total the weighted CE
         # sum (CE_1 + lambda_h sum_k w_k CE_k) / (1 + lambda_h); the main rows' logits are written for the caller
-        z, index, coef = [hn.reshape(N, -1)], [targets.clamp_min(0).reshape(-1)], [(valid1 / n_valid / (1 + hw)).reshape(-1)]
+        z, index = [hn.reshape(N, -1)], [targets.clamp_min(0).reshape(-1)]
+        coef = [(valid1 / n_valid / (1 + hw)).reshape(-1)]
+        states = None
         if n_off:
             # offsets 2..H are scored at rows (n_off, n) of the B*T positions: in training a fresh random subset
             # per offset, about horizon_sample heads' worth of rows in all (every row in eval). Sums over drawn
@@ -1062,7 +1056,6 @@ class Model(core.LM):
         unc_count = valid1.sum()
         bce = lambda z, hit: F.binary_cross_entropy_with_logits(z, hit, reduction="none")  # noqa: E731
         acc_sum = bce(acc_logits[..., 0], (main_pred == targets).float()).mul(valid1).sum()
-        states = None
         if n_off:
             ce = ((lse[N:] - pick[N:]).view(n_off, n) * valid).detach()             # (n_off, n)
             hit = (argmax[N:].view(n_off, n) == core.offset_targets(main_pred, n_off)[rows, k]).float()
@@ -1073,7 +1066,7 @@ class Model(core.LM):
             acc_sum = acc_sum + scale * bce(a_k, hit).mul(valid).sum()
             unc_count = unc_count + (target_all >= 0).sum()
             # drafting reads every position's states; a training subset is none
-            states = None if self.training else z[1].reshape(n_off, B, T, -1).permute(1, 2, 0, 3)
+            states = None if self.training else states.reshape(n_off, B, T, -1).permute(1, 2, 0, 3)
         aux["uncertainty"] = unc_sum / unc_count.clamp_min(1)
         aux["acceptance"] = acc_sum / unc_count.clamp_min(1)
         aux["balance"], aux["router_z"] = balance, z_loss

@@ -1982,6 +1982,9 @@ def test_linear_lse_loss_equals_autograd_on_the_full_logits_in_value_gradient_an
         total_kept, _, _, _, kept = core.linear_lse_loss(z, w, index, a, b_, chunk=8, keep_logits=True)
         assert max_diff(kept, logits) <= 1e-5 and not kept.requires_grad
         assert total_kept.item() == total.item()       # the kept logits are written by the product, not altered
+        first = core.linear_lse_loss(z, w, index, a, b_, chunk=8, keep_logits=13)   # the first 13 rows' only
+        assert max_diff(first[4], logits[:13]) <= 1e-5 and torch.equal(first[3], argmax)
+        assert abs(first[0].item() - total.item()) <= 1e-6 * abs(total.item())
         assert all(torch.equal(x, y) for x, y in zip(torch.autograd.grad(total_kept, (z, w)),
                                                      torch.autograd.grad(total, (z, w), retain_graph=True)))
         if autocast_works(torch.bfloat16):              # low-precision logits are copied out, the pass stays fp32
@@ -2602,9 +2605,10 @@ def test_row_max_is_max_with_the_first_index_on_ties():
 
 def test_ball_chunked_pass_matches_the_readout_over_chunks_at_coincident_points_and_the_floor():
     """BallLogSumExp over chunks of 4 rows (split at the 6 kept rows' end: 0-3, 4-5, 6-9, 10) gives BallLogits' a-
-    and b-weighted loss, lse, pick and argmax, and the same gradients for the rows, the table, the bias and the scale. Row 4 is exactly
-    token 5's point (distance ~0 up to the product's rounding); row 3 is zero, so its every product is 0, under
-    the floor: distances 0, logits = bias, no gradient from that row. Every gradient is finite."""
+    and b-weighted loss, lse, pick and argmax, and the same gradients for the rows, the table, the bias and the
+    scale. Row 4 is exactly token 5's point (distance ~0 up to the product's rounding); row 3 is zero, so its every
+    product is 0, under the floor: distances 0, logits = bias, no gradient from that row. Every gradient is
+    finite."""
     g = torch.Generator().manual_seed(0)
     N, D, V, c = 11, 16, 37, 1.0
     tangent = torch.randn(N, D, generator=g) * 0.5
