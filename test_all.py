@@ -3883,7 +3883,7 @@ def test_ctrl_c_under_torchrun_saves_and_resume_continues_the_single_process_tra
     stopped_at = torch.load(os.path.join(ddp, "ckpt.pt"), weights_only=True)["iter_num"]
     assert 3 <= stopped_at < 60 and "Ctrl+C" in out, out[-2000:]
     result = run(torchrun[1:] + args + [f"--out_dir={ddp}", "--init_from=resume"], env=env)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     a, b = train_losses(single), train_losses(ddp)
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-5 for k in a)
 

@@ -552,6 +552,8 @@ def main():
     if master:
         log_file.close()
     if ddp:
+        # leave together: no rank tears its connections down while another is still finishing the checkpoint
+        dist.barrier()
         dist.destroy_process_group()
 
 
