@@ -582,7 +582,7 @@ def test_exit_plumbing_decisions_depend_only_on_earlier_tokens_and_on_their_own_
 # Three bottom layers (two exit points) of four; horizon 1 (v5's minimum, 2) and chunk_size 4, because at this budget
 # the horizon offsets and long chunks slow the main head, and a model still predicting unigram frequencies predicts
 # every token equally well at every layer, so there is nothing per token to exit on.
-EXITING = [("v3", "token"), ("v4", "token"), ("v4", "chunk"), ("v5", "token"), ("v6", "token"), ("v7_1_2", "token"),
+EXITING = [("v3", "token"), ("v4", "token"), ("v4", "chunk"), ("v5", "token"), ("v5", "chunk"), ("v6", "token"), ("v6", "chunk"), ("v7_1_2", "token"),
            ("v7_1_2", "chunk")]
 EXITING_IDS = [f"{n}-{m}" for n, m in EXITING]
 EXIT_SIZE = dict(vocab_size=128, d_model=32, n_layers=4, n_heads=2, max_seq_len=32, n_bottom_layers=3)
