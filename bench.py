@@ -380,18 +380,36 @@ def early_exit_rows(name, model, windows):
     return rows
 
 
+@torch.no_grad()
+def exit_depths(model, x):
+    """The bottom layers each trunk position (a token; a chunk slot in chunk mode) of x (1, T) runs at the model's
+    exit threshold, in eval mode: (positions,)."""
+    seen = []
+    handle = core.exit_trunks(model)[0].register_forward_hook(lambda m, i, out: seen.append(out[2]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen[0][0]
+
+
 def bench_mechanisms(runs, s, data_dir):
+    """-> (the mechanisms table, {label: (chunk_size, exit depth per trunk position along the first held-out
+    window)} for the models with early exit, for the plot)."""
     from train import val_batches
     val, _ = prepare_data.list_shards(data_dir)
     windows = list(val_batches(val, s["batch_size"], s["max_seq_len"], 4, 0, 1))
-    rows = []
+    rows, depths = [], {}
     for (name, mode), run_dir in runs.items():
         model = core.model_from_checkpoint(core.load_checkpoint(run_dir)).eval()
         for fn in MECHANISMS:
             rows += fn(model_label(name, mode), model, windows)
+        if core.exit_trunks(model):
+            depths[model_label(name, mode)] = (model.config.chunk_size if mode == "chunk" else 1,
+                                               exit_depths(model, windows[0][0][:1]).tolist())
     title = (f"Mechanisms after training (the quality runs' checkpoints, {sum(x.numel() for x, _ in windows):,} "
              f"held-out tokens; ablation Δloss = loss with the mechanism off minus loss with it on)")
-    return table(title, MECHANISM_COLUMNS, mechanism_table(rows))
+    return table(title, MECHANISM_COLUMNS, mechanism_table(rows)), depths
 
 
 # routing rows: v4.1's offset routing, v5's processor gates, ChaosLogic's task analyzer, depth, lattice gates and
@@ -816,7 +834,7 @@ def bench_data(s, work):
 # -----------------------------------------------------------------------------
 # plots and README
 
-def plot(curves, throughput, out):
+def plot(curves, throughput, out, depths=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -842,6 +860,19 @@ def plot(curves, throughput, out):
         plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
         fig.tight_layout()
         paths.append(os.path.join(out, "throughput.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    if depths:  # a chunk slot covers chunk_size tokens: drawn over them, so every strip shares the token axis
+        fig, axes = plt.subplots(len(depths), 1, figsize=(9, 0.8 + 0.55 * len(depths)), sharex=True, squeeze=False)
+        for ax, (label, (chunk, depth)) in zip(axes[:, 0], depths.items()):
+            ax.stairs(depth, [i * chunk for i in range(len(depth) + 1)], baseline=None, lw=1.2)
+            ax.set_ylim(0.5, max(depth) + 0.5 if depth else 1.5)
+            ax.set_yticks(sorted(set(depth)))
+            ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        axes[-1, 0].set_xlabel("position in the first held-out window (tokens)")
+        fig.suptitle("Early exit at the calibrated threshold: bottom layers run at each position", fontsize=10)
+        fig.tight_layout()
+        paths.append(os.path.join(out, "exit_depth.png"))
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
@@ -887,7 +918,7 @@ def main():
     work = s["out"] or tempfile.mkdtemp(prefix="hst-bench-")
     os.makedirs(work, exist_ok=True)
     t_start = time.time()
-    sections, curves, throughput = [], {}, {}
+    sections, curves, throughput, depths = [], {}, {}, {}
     machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
                + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
 
@@ -925,14 +956,15 @@ def main():
         if "generation" in what:
             emit("generation", bench_generation(runs, s, data_dir))
         if "mechanisms" in what:
-            emit("mechanisms", bench_mechanisms(runs, s, data_dir))
+            text, depths = bench_mechanisms(runs, s, data_dir)
+            emit("mechanisms", text)
         if "injection" in what:
             emit("injection", bench_injection(runs, s, data_dir))
     if "paged" in what:
         emit("paged", bench_paged(s))
     if "memory" in what:
         emit("memory", bench_memory_cuda(pairs, s) if torch.cuda.is_available() else bench_memory(pairs, s))
-    plots = plot(curves, throughput, work) if s["out"] else []
+    plots = plot(curves, throughput, work, depths) if s["out"] else []
     command = "python bench.py " + " ".join(sys.argv[1:])
     footer = (f"Measured by `{command.strip()}` on {time.strftime('%Y-%m-%d')}, {machine}, "
               f"in {time.time() - t_start:.0f} s.\n")

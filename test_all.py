@@ -670,6 +670,36 @@ def test_exiting_at_the_calibrated_threshold_costs_about_the_tolerance_on_other_
     assert loss - dense <= 2 * core.EXIT_TOLERANCE, f"exits cost {loss - dense:.4f} nats/token over dense {dense:.4f}"
 
 
+@pytest.mark.parametrize("name,mode", [("v3", "token"), ("v4", "chunk")])
+def test_bench_early_exit_rows_and_depth_strip_report_the_calibrated_model(calibrated, name, mode):
+    """bench.py's early-exit rows on a calibrated model report its threshold, depth shares that add up to 1 and
+    equal core.exit_profile's, the loss cost as exit_profile's difference (ablation Δloss its negative) and a
+    FLOPs saving in (0, 1) when positions stop early; exit_depths (the plot's strip) is the trunk's own depth."""
+    import bench
+    model, *_, depth = calibrated(name, mode)
+    held_out = text_windows(shakespeare_bytes(held_out=True))(torch.Generator().manual_seed(7), 256, 33)
+    windows = [(w[:, :-1], w[:, 1:]) for w in held_out[128:].split(16)]
+    rows = {r["measure"]: r for r in bench.early_exit_rows("m", model, windows)}
+    dense, _, _ = core.exit_profile(model, windows, 2.0)
+    loss, share, _ = core.exit_profile(model, windows, model.config.exit_threshold)
+    assert rows["threshold (calibrated)"]["value"] == model.config.exit_threshold
+    shares = [rows[f"share stopping after bottom layer {l + 1} of {share.numel()}"]["value"] for l in range(share.numel())]
+    assert shares == share.tolist() and abs(sum(shares) - 1) <= 1e-6
+    cost = rows["held-out loss cost vs dense (nats/token)"]
+    assert cost["value"] == loss - dense == -cost["ablation_dloss"]
+    if share[:-1].sum() > 0:
+        assert 0 < rows["forward FLOPs saved (share)"]["value"] < 1
+    assert torch.equal(bench.exit_depths(model, held_out[128:129, :-1]), depth[0])
+
+
+def test_bench_mechanisms_table_and_exit_depth_plot_from_its_own_training_runs(tmp_path):
+    result = run(["bench.py", "--fast", "--what=mechanisms", "--models=v3", f"--out={tmp_path}"])
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "mechanisms.md").read_text()
+    assert "| v3 | early exit | threshold" in text and "| v3 | early exit | share stopping after bottom layer 1" in text
+    assert (tmp_path / "exit_depth.png").stat().st_size > 1000
+
+
 # -----------------------------------------------------------------------------
 # horizon heads
 
@@ -1424,6 +1454,38 @@ def test_trained_chaoslogic_depth_prediction_varies_across_tokens(routed):
     print(f"\ndepth {depth.mean().item():.3f}, spread {spread:.4f}, tokens that skip "
           f"{(seen['out'].exit_depth < model.n_bottom).float().mean().item():.2f}")
     assert spread > DEPTH_SPREAD
+
+
+def test_bench_mechanism_rows_of_a_trained_router_describe_it_and_leave_the_model_as_it_was(routed):
+    """bench.py's mechanisms table, run on the routed fixture's trained model: the per-token spread it reports is the
+    one computed here from the model's own routing on the same windows (1e-6), switching v4.1's or ChaosLogic's
+    lattice off raises the held-out loss (measured +0.072 and +0.32), and every override the ablations install is
+    gone afterwards: the logits are bit-identical before and after. v5's processor is worth almost nothing at this
+    size and budget (switching it off: +0.0004 token mode, -0.0001 chunk mode), so it is not held to a gain here;
+    the table reports what it is worth."""
+    import bench
+    model, _ = routed
+    name = type(model).__module__
+    w = text_windows(shakespeare_bytes(held_out=True))(torch.Generator().manual_seed(9), 16, 33)
+    x, windows = w[:, :-1], [(w[:, :-1], w[:, 1:])]
+    with torch.no_grad():
+        before = model(x)
+    rows = [row for fn in bench.MECHANISMS for row in fn("m", model, windows)]
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, before.logits)
+    measure = {row["measure"].split(" (")[0]: row for row in rows}
+    if name == "model_v4_1":
+        p, off = before.routing, measure["lattice gate, mean"]["ablation_dloss"]
+        spread = measure["per-token spread: mean TV from the mean routing"]["value"]
+    else:
+        g = before.gates if name == "model_v5" else before.lattice_gates
+        p = torch.stack([g, 1 - g], -1)                   # a gate's TV from its mean is |g - mean g|
+        off = measure["mean gate per layer"]["ablation_dloss"]
+        spread = measure["per-token spread: mean |g - mean g|"]["value"]
+    tv = (0.5 * (p - p.mean(0, keepdim=True)).abs().sum(-1)).mean().item()
+    assert abs(spread - tv) <= 1e-6, (spread, tv)
+    if name != "model_v5":
+        assert off > 0.01, f"switching the trained lattice off changes held-out loss by {off:+.5f}"
 
 
 PATTERN_GAIN = 0.002    # nats: forcing ChaosLogic's trained pattern choice dense cost 0.0072-0.0100 (data seeds 0-2)
