@@ -580,6 +580,36 @@ def chaoslogic_routing_rows(name, model, windows):
 
 @mechanism
 @torch.no_grad()
+def v8_2_rows(name, model, windows):
+    """v8.2's crystalline parts: the top-k path lattice's routing (entropy, per-token spread, paths in use) and the
+    held-out loss change when each part is switched off from the outside, its module returning its input: the path
+    lattice, the Hebbian fast weights of every block, the diamond coupling of every block, the feedback loop."""
+    if type(model).__module__ != "model_v8_2":
+        return []
+    blocks = list(model.bottom) + list(model.top)
+    routed, _ = captured(model, model.lattice.router, windows)
+    p = torch.cat([r.view(*x.shape, -1) for r, (x, _) in zip(routed, windows)]).float().softmax(-1)  # (N, T, P)
+    base = held_out_loss(model, windows)
+
+    def off(modules, keep=lambda args, out: args[0]):
+        with contextlib.ExitStack() as stack:
+            for m in modules:
+                stack.enter_context(replaced_output(m, keep))
+            return held_out_loss(model, windows) - base
+    rows = spread_rows(name, "path lattice (top-k routing)", p, "paths")
+    rows.append(dict(model=name, mechanism="path lattice (top-k routing)", measure="held-out loss with it on "
+                     "(ablation: lattice off)", value=base,
+                     ablation_dloss=off([model.lattice], lambda args, out: (args[0],) + tuple(out[1:]))))
+    for mechanism, modules in (("Hebbian fast weights", [b.hebbian for b in blocks]),
+                               ("diamond coupling", [b.diamond for b in blocks]),
+                               ("feedback loop", [model.feedback])):
+        rows.append(dict(model=name, mechanism=mechanism, measure=f"held-out loss with it on in {len(modules)} "
+                         f"place(s) (ablation: off)", value=base, ablation_dloss=off(modules)))
+    return rows
+
+
+@mechanism
+@torch.no_grad()
 def spine_attention_rows(name, model, windows):
     """v6 / v7.1.2's causal spine attention (every position reads itself, a local window and its spine-offset
     predecessors): the held-out loss with its blocks switched off (each returns its input) minus with them on."""
