@@ -124,6 +124,12 @@ def ball_width(d):
     return -(-(d + 2) // BALL_ALIGN) * BALL_ALIGN
 
 
+def _ball_augment(x, a, b):
+    """[x, a, b, 0...] (N, ball_width(D)) from x (N, D) and the columns a, b (N, 1): the augmented layout of the
+    head's rows and columns, zero-padded to BALL_ALIGN."""
+    return torch.cat([x, a, b, a.new_zeros(x.size(0), ball_width(x.size(-1)) - x.size(-1) - 2)], -1)
+
+
 def ball_rows(x, c=1.0, gap=None):
     """Points x (N, D) of the ball -> (N, ball_width(D)) rows c [x, |x|^2, 1, 0...] / (1 - c|x|^2), fp32 (see
     poincare_distance_matrix). gap (N, 1): 1 - c|x|^2 from exp0_gap where the points came from exp0 (more accurate
@@ -132,8 +138,7 @@ def ball_rows(x, c=1.0, gap=None):
         x = x.float()
         xx = (x * x).sum(-1, keepdim=True)
         gap = 1 - c * xx if gap is None else gap.float()
-        pad = xx.new_zeros(x.size(0), ball_width(x.size(-1)) - x.size(-1) - 2)
-        return torch.cat([x, xx, torch.ones_like(xx), pad], -1) * (c / gap)
+        return _ball_augment(x, xx, torch.ones_like(xx)) * (c / gap)
 
 
 def ball_cols(y, c=1.0, gap=None):
@@ -142,8 +147,7 @@ def ball_cols(y, c=1.0, gap=None):
         y = y.float()
         yy = (y * y).sum(-1, keepdim=True)
         gap = 1 - c * yy if gap is None else gap.float()
-        pad = yy.new_zeros(y.size(0), ball_width(y.size(-1)) - y.size(-1) - 2)
-        return torch.cat([-2 * y, torch.ones_like(yy), yy, pad], -1) / gap
+        return _ball_augment(-2 * y, torch.ones_like(yy), yy) / gap
 
 
 def _table_scalars(sq_norm, c):
@@ -182,7 +186,7 @@ class BallTable(torch.autograd.Function):
         e = weight.float()
         sq_norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True).square_()
         (f, g, h), _ = _table_scalars(sq_norm, c)
-        out = torch.cat([e, g, h, g.new_zeros(e.size(0), ball_width(e.size(1)) - e.size(1) - 2)], -1)
+        out = _ball_augment(e, g, h)
         out[:, :e.size(1)] *= f
         ctx.save_for_backward(weight, sq_norm)
         ctx.c = c

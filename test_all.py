@@ -1392,6 +1392,12 @@ ROUTING_SPREAD = 0.02   # mean TV of a token's routing from the mean routing: co
 DEPTH_SPREAD = 0.02     # mean |D_t - mean D at t| in layers, ChaosLogic's depth prediction
 
 
+def tv_from_mean(p):
+    """Mean total variation of routing distributions p (N, T, K) from the mean routing over the N rows at the same
+    position: 0 when every token routes alike."""
+    return (0.5 * (p - p.mean(0, keepdim=True)).abs().sum(-1)).mean().item()
+
+
 @torch.no_grad()
 def routing_readout(model, x):
     """What the routers do on windows x: `routes`, routing distributions (N, T, K) (v5's gates as two-way
@@ -1425,7 +1431,7 @@ def routed(request):
 def test_trained_routers_route_each_token_its_own_way_and_use_more_than_one_path(routed):
     model, seen = routed
     for i, p in enumerate(seen["routes"]):
-        spread = (0.5 * (p - p.mean(0, keepdim=True)).abs().sum(-1)).mean().item()   # TV from the mean routing
+        spread = tv_from_mean(p)
         assert spread > ROUTING_SPREAD, f"router {i}: tokens route alike (mean TV {spread:.4f})"
     choices = [p.argmax(-1).unique().numel() for p in seen["routes"]]
     assert max(choices) > 1, f"every token takes the same path: {choices}"
@@ -1482,7 +1488,7 @@ def test_bench_mechanism_rows_of_a_trained_router_describe_it_and_leave_the_mode
         p = torch.stack([g, 1 - g], -1)                   # a gate's TV from its mean is |g - mean g|
         off = measure["mean gate per layer"]["ablation_dloss"]
         spread = measure["per-token spread: mean |g - mean g|"]["value"]
-    tv = (0.5 * (p - p.mean(0, keepdim=True)).abs().sum(-1)).mean().item()
+    tv = tv_from_mean(p)
     assert abs(spread - tv) <= 1e-6, (spread, tv)
     if name != "model_v5":
         assert off > 0.01, f"switching the trained lattice off changes held-out loss by {off:+.5f}"
@@ -1510,7 +1516,7 @@ def test_bench_v8_2_rows_of_a_trained_model_switch_each_part_off_and_leave_the_m
         assert torch.equal(model(x).logits, before)
     measure = {(r["mechanism"], r["measure"].split(" (")[0]): r for r in rows}
     spread = measure["path lattice (top-k routing)", "per-token spread: mean TV from the mean routing"]["value"]
-    assert abs(spread - (0.5 * (p - p.mean(0, keepdim=True)).abs().sum(-1)).mean().item()) <= 1e-6
+    assert abs(spread - tv_from_mean(p)) <= 1e-6
     gain = {r["mechanism"]: r["ablation_dloss"] for r in rows if r.get("ablation_dloss") is not None}
     assert gain["path lattice (top-k routing)"] > 0.01 and gain["Hebbian fast weights"] > 0.01, gain
     assert gain["diamond coupling"] > 0 and gain["feedback loop"] > 0, gain
