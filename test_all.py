@@ -2404,11 +2404,22 @@ def test_poincare_maps_have_finite_gradients_at_zero_and_at_1e4():
         assert torch.isfinite(x).all() and torch.isfinite(e.grad).all()
 
 
-def test_asinh_sqrt_is_as_accurate_as_torch_asinh_from_the_floor_to_1e8():
-    q = torch.cat([torch.tensor([model_v8_2.HALF_Q_FLOOR, 1e-9, 1e-6, 1e-3, 1.0]), torch.logspace(-12, 8, 2001)])
+def test_asinh_sqrt_is_as_accurate_as_torch_asinh_from_the_floor_to_far_past_the_heads_range():
+    """The distance head's asinh(sqrt(q/2)) (and its P = sqrt(h (1 + h)), the derivative's) against float64 from
+    the floor to 1e18. The head's q/2 never passes 1e10: two opposite points at the ball's cap, the farthest apart
+    its points can be, give about that, and a finite distance."""
+    q = torch.cat([torch.tensor([model_v8_2.HALF_Q_FLOOR, 1e-9, 1e-6, 1e-3, 1.0]), torch.logspace(-12, 18, 3001)])
     ref = q.double().sqrt().asinh()
-    for got in (model_v8_2.asinh_sqrt_(q.clone()), model_v8_2.asinh_sqrt_(q.clone(), out=torch.empty_like(q))):
+    twice, P = model_v8_2.twice_asinh_sqrt_(q.clone(), torch.empty_like(q))
+    for got in (model_v8_2.asinh_sqrt_(q.clone()), twice / 2):
         assert ((got.double() - ref).abs() / ref).max().item() <= 1e-6          # torch.asinh's own: ~2e-7
+    assert ((P.double() - (q.double() * (1 + q.double())).sqrt()).abs() / P.double()).max().item() <= 1e-6
+    e = torch.zeros(2, 8)
+    e[0, 0], e[1, 0] = 1e4, -1e4                                                # both far past the cap
+    rows = model_v8_2.ball_rows(model_v8_2.exp0(e[:1]), 1.0, model_v8_2.exp0_gap(e[:1]))
+    half_q = rows @ model_v8_2.BallTable.apply(e[1:], 1.0).t()
+    assert 1e9 < half_q.item() <= 1e10
+    assert torch.isfinite(model_v8_2.asinh_sqrt_(half_q)).all()
 
 
 def test_poincare_distance_is_zero_on_the_diagonal_and_symmetric():
@@ -2688,6 +2699,15 @@ def test_ball_table_equals_exp0_then_ball_cols_in_value_and_gradient_for_norms_0
         assert ((got_grad.double() - want_grad).abs() / scale).max().item() <= 1e-5
 
 
+def test_chunk_spans_cover_the_rows_in_order_in_even_spans_that_never_straddle_the_kept_rows():
+    for n, chunk, keep in ((1037, 160, 512), (1037, 664, 512), (525, 512, 0), (11, 4, 6), (20, 7, 3), (5, 16, 5)):
+        spans = core.chunk_spans(n, chunk, keep)
+        assert spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert all(0 < hi - lo <= chunk and not lo < keep < hi for lo, hi in spans)
+    assert core.chunk_spans(525, 512) == [(0, 264), (264, 525)]      # not 512 + a 13-row remainder
+    assert core.chunk_spans(0, 4) == []
+
+
 def test_row_max_is_max_with_the_first_index_on_ties():
     g = torch.Generator().manual_seed(0)
     for V in (128, 100):                                # blocked (a multiple of 64), and torch.max's fallback
@@ -2699,8 +2719,10 @@ def test_row_max_is_max_with_the_first_index_on_ties():
         assert index[0] == 0 and index[1] == 5
 
 
-def test_ball_chunked_pass_matches_the_readout_over_chunks_at_coincident_points_and_the_floor():
-    """BallLogSumExp over chunks of 4 rows (split at the 6 kept rows' end: 0-3, 4-5, 6-9, 10) gives BallLogits' a-
+@pytest.mark.parametrize("block", [None, 3])
+def test_ball_chunked_pass_matches_the_readout_over_chunks_at_coincident_points_and_the_floor(block):
+    """BallLogSumExp over chunks of 4 rows (split at the 6 kept rows' end: 0-3, 4-5, 6-9, 10), their element-wise
+    work in one block per chunk or in blocks of 3 rows (0-2, 3; 4-5; ...), gives BallLogits' a-
     and b-weighted loss, lse, pick and argmax, and the same gradients for the rows, the table, the bias and the
     scale. Row 4 is exactly token 5's point (distance ~0 up to the product's rounding); row 3 is zero, so its every
     product is 0, under the floor: distances 0, logits = bias, no gradient from that row. Every gradient is
@@ -2719,7 +2741,7 @@ def test_ball_chunked_pass_matches_the_readout_over_chunks_at_coincident_points_
     index[4] = 5
     a, b = torch.rand(N, generator=g), torch.rand(N, generator=g)
     cols = model_v8_2.BallTable.apply(table, c)
-    total, lse, pick, argmax, kept = model_v8_2.BallLogSumExp.apply(rows, cols, bias, k, index, a, b, 4, True, 6)
+    total, lse, pick, argmax, kept = model_v8_2.BallLogSumExp.apply(rows, cols, bias, k, index, a, b, 4, True, 6, block)
     logits = model_v8_2.BallLogits.apply(rows @ cols.t(), bias, k)
     want = (a * logits.logsumexp(-1) - b * logits.gather(1, index[:, None])[:, 0]).sum()
     assert abs(total.item() - want.item()) <= 1e-5 * abs(want.item())
@@ -2735,14 +2757,14 @@ def test_ball_chunked_pass_matches_the_readout_over_chunks_at_coincident_points_
     # chunk and the whole matrix): its gradient is only required finite, the rest to equal the readout's
     assert all(torch.isfinite(x).all() for x in torch.autograd.grad(total, params, retain_graph=True))
     a[4] = b[4] = 0.0
-    total = model_v8_2.BallLogSumExp.apply(rows, cols, bias, k, index, a, b, 4, True, 0)[0]
+    total = model_v8_2.BallLogSumExp.apply(rows, cols, bias, k, index, a, b, 4, True, 0, block)[0]
     want = (a * logits.logsumexp(-1) - b * logits.gather(1, index[:, None])[:, 0]).sum()
     got = torch.autograd.grad(2 * total, params, retain_graph=True)
     ref = torch.autograd.grad(2 * want, params)
     for x, y in zip(got, ref):
         assert max_diff(x, y) <= 1e-5 * y.abs().max().item() + 1e-7
     assert (got[0][3] == 0).all()
-    total = model_v8_2.BallLogSumExp.apply(rows, cols.detach(), bias, k, index, a, b, 4, True, 0)[0]
+    total = model_v8_2.BallLogSumExp.apply(rows, cols.detach(), bias, k, index, a, b, 4, True, 0, block)[0]
     torch.autograd.grad(total, (rows, bias), retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):   # its gradients were scaled in place, once
         torch.autograd.grad(total, (rows, bias))
